@@ -1,0 +1,323 @@
+"""The one data layer: the LA release layout, the split, exact reference augmentation, batches.
+
+Layout (METHODS.md §1.1)::
+
+    ROOT/train.list, ROOT/test.list           one case id per line
+    ROOT/2018LA_Seg_Training Set/<ID>/mri_norm2.h5   datasets `image` (float32), `label` ({0,1})
+    ROOT/SHA256SUMS.h5.txt                   optional: sha256 per h5, paths relative to the folder above
+
+The root comes from ``--data`` or the ``SSL_BENCH_DATA`` environment variable.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from .errors import UserError
+
+ENV_VAR = "SSL_BENCH_DATA"
+CASES_DIR = "2018LA_Seg_Training Set"
+H5_NAME = "mri_norm2.h5"
+SUMS_NAME = "SHA256SUMS.h5.txt"
+
+
+def resolve_root(data: str | os.PathLike | None) -> Path:
+    """The data root from the CLI option, else the environment variable; one clear error otherwise."""
+    if data is None or str(data) == "":
+        data = os.environ.get(ENV_VAR)
+        if not data:
+            raise UserError(f"no data location: pass --data DIR or set {ENV_VAR}")
+    root = Path(data).expanduser().resolve()
+    if not root.is_dir():
+        raise UserError(f"data folder not found: {root}")
+    return root
+
+
+def _read_list(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"missing case list: {path}")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise UserError(f"empty case list: {path}")
+    if len(set(ids)) != len(ids):
+        raise UserError(f"duplicate ids in case list: {path}")
+    return ids
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Split:
+    """Labeled = the first N ids of train.list, unlabeled = the rest, test = test.list (§1.2)."""
+
+    labeled: tuple[str, ...]
+    unlabeled: tuple[str, ...]
+    test: tuple[str, ...]
+
+
+class LAData:
+    """Reads and validates cases lazily; each case is read from disk once and cached."""
+
+    def __init__(self, data: str | os.PathLike | None = None):
+        self.root = resolve_root(data)
+        self.train_ids = _read_list(self.root / "train.list")
+        self.test_ids = _read_list(self.root / "test.list")
+        overlap = set(self.train_ids) & set(self.test_ids)
+        if overlap:
+            raise UserError(f"train.list and test.list share ids: {sorted(overlap)[:3]}")
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def case_path(self, case_id: str) -> Path:
+        return self.root / CASES_DIR / case_id / H5_NAME
+
+    def split(self, labeled: int) -> Split:
+        n = len(self.train_ids)
+        if not 1 <= labeled <= n:
+            raise UserError(f"--labeled must be between 1 and {n} (the training list has {n} cases), got {labeled}")
+        return Split(tuple(self.train_ids[:labeled]), tuple(self.train_ids[labeled:]), tuple(self.test_ids))
+
+    def load(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(image float32, label uint8 in {0,1}) of one case, validated; one clear error if not."""
+        if case_id in self._cache:
+            return self._cache[case_id]
+        path = self.case_path(case_id)
+        if not path.is_file():
+            raise UserError(f"case {case_id}: missing file {path}")
+        try:
+            with h5py.File(path, "r") as f:
+                missing = [k for k in ("image", "label") if k not in f]
+                if missing:
+                    raise UserError(f"case {case_id}: {path} has no dataset {' or '.join(map(repr, missing))}")
+                image = np.asarray(f["image"][...], dtype=np.float32)
+                label = f["label"][...]
+        except UserError:
+            raise
+        except Exception as exc:  # h5py raises OSError/KeyError/ValueError for damaged files
+            raise UserError(f"case {case_id}: cannot read {path} ({type(exc).__name__}: {exc})") from None
+        if image.ndim != 3 or image.shape != label.shape:
+            raise UserError(f"case {case_id}: image shape {image.shape} and label shape {label.shape} differ or are not 3-D")
+        if label.size and (label.min() < 0 or label.max() > 1 or not np.array_equal(label, np.round(label))):
+            values = np.unique(label)[:6].tolist()
+            raise UserError(f"case {case_id}: label values must be 0 or 1, found {values}")
+        if not np.isfinite(image).all():
+            raise UserError(f"case {case_id}: image contains NaN or infinite values")
+        item = (image, label.astype(np.uint8))
+        self._cache[case_id] = item
+        return item
+
+    def listed_sums(self) -> dict[str, str] | None:
+        """The sha256 per case id from SHA256SUMS.h5.txt, or None when the file is absent."""
+        path = self.root / SUMS_NAME
+        if not path.is_file():
+            return None
+        sums = {}
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            digest, _, name = line.strip().partition("  ")
+            parts = Path(name.strip()).parts
+            parts = [p for p in parts if p != "."]
+            if len(parts) >= 1:
+                sums[parts[0]] = digest.strip()
+        return sums
+
+    def checksums(self, ids) -> dict[str, str]:
+        """Actual sha256 of each case's h5 file (recorded in every run's config)."""
+        out = {}
+        for case_id in ids:
+            path = self.case_path(case_id)
+            if not path.is_file():
+                raise UserError(f"case {case_id}: missing file {path}")
+            out[case_id] = sha256_file(path)
+        return out
+
+
+# ---------------------------------------------------------------- augmentation (§1.3)
+
+def rot_flip(image: torch.Tensor, label: torch.Tensor, k: int, axis: int):
+    """RandomRotFlip: rotate by k·90° in the plane of axes (0,1), then ALWAYS flip along `axis`."""
+    image = torch.flip(torch.rot90(image, k, dims=(0, 1)), dims=(axis,))
+    label = torch.flip(torch.rot90(label, k, dims=(0, 1)), dims=(axis,))
+    return image, label
+
+
+def pad_for_crop(image: torch.Tensor, label: torch.Tensor, patch):
+    """RandomCrop's padding: if ANY dim <= its target, pad all three axes by max((t-s)//2+3, 0) per side."""
+    shape = image.shape
+    if not any(s <= t for s, t in zip(shape, patch)):
+        return image, label
+    pads = [max((t - s) // 2 + 3, 0) for s, t in zip(shape, patch)]
+    spec = []
+    for p in reversed(pads):  # F.pad takes the last axis first
+        spec += [p, p]
+    image = torch.nn.functional.pad(image[None, None], spec, value=0.0)[0, 0]
+    label = torch.nn.functional.pad(label[None, None], spec, value=0)[0, 0]
+    return image, label
+
+
+def augment(image: torch.Tensor, label: torch.Tensor, patch, rng: np.random.Generator):
+    """The reference chain RandomRotFlip -> RandomCrop(patch) with its draw order and exclusive upper bound."""
+    k = int(rng.integers(0, 4))
+    axis = int(rng.integers(0, 2))  # drawn after k, as in the reference
+    image, label = rot_flip(image, label, k, axis)
+    image, label = pad_for_crop(image, label, patch)
+    origin = []
+    for s, t in zip(image.shape, patch):
+        origin.append(int(rng.integers(0, s - t)))  # {0, ..., s-t-1}: the last position is never drawn
+    sl = tuple(slice(o, o + t) for o, t in zip(origin, patch))
+    return image[sl], label[sl]
+
+
+# ---------------------------------------------------------------- batches (§1.4)
+
+class TwoStreamSampler:
+    """Labeled-first batches: B_L labeled indices, then B_U unlabeled indices.
+
+    The labeled stream is one permutation per epoch of floor(N_L / B_L) batches (leftovers dropped);
+    with ``keep_last`` (the V-Net baseline's plain shuffled DataLoader) a final short batch is kept.
+    The unlabeled stream is an endless chain of fresh permutations, restarted every labeled epoch,
+    as the reference sampler re-creates it on every pass. All draws come from ``rng``.
+    """
+
+    def __init__(self, n_labeled: int, n_unlabeled: int, b_labeled: int, b_unlabeled: int,
+                 rng: np.random.Generator, keep_last: bool = False):
+        if b_labeled < 1 or n_labeled < b_labeled:
+            raise UserError(f"this method needs at least {b_labeled} labeled cases per batch, the split has {n_labeled}")
+        if b_unlabeled and n_unlabeled < 1:
+            raise UserError("this method needs unlabeled cases, but every training case is labeled")
+        self.n_labeled, self.n_unlabeled = n_labeled, n_unlabeled
+        self.b_labeled, self.b_unlabeled = b_labeled, b_unlabeled
+        self.rng, self.keep_last = rng, keep_last
+        self._labeled_batches: list[list[int]] = []
+        self._unlabeled_queue: list[int] = []
+
+    def next(self) -> tuple[list[int], list[int]]:
+        if not self._labeled_batches:
+            perm = self.rng.permutation(self.n_labeled).tolist()
+            n_full = self.n_labeled // self.b_labeled
+            self._labeled_batches = [perm[i * self.b_labeled:(i + 1) * self.b_labeled] for i in range(n_full)]
+            if self.keep_last and n_full * self.b_labeled < self.n_labeled:
+                self._labeled_batches.append(perm[n_full * self.b_labeled:])
+            self._unlabeled_queue = []
+        labeled = self._labeled_batches.pop(0)
+        unlabeled = []
+        while len(unlabeled) < self.b_unlabeled:
+            if not self._unlabeled_queue:
+                self._unlabeled_queue = self.rng.permutation(self.n_unlabeled).tolist()
+            unlabeled.append(self._unlabeled_queue.pop(0))
+        return labeled, unlabeled
+
+    def state_dict(self) -> dict:
+        return {"labeled_batches": [list(b) for b in self._labeled_batches],
+                "unlabeled_queue": list(self._unlabeled_queue)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._labeled_batches = [list(b) for b in state["labeled_batches"]]
+        self._unlabeled_queue = list(state["unlabeled_queue"])
+
+
+@dataclass
+class Batch:
+    """image: (B_L + B_U, 1, X, Y, Z), labeled first; label: (B_L, X, Y, Z) int64 — unlabeled labels never leave the data layer."""
+
+    image: torch.Tensor
+    label: torch.Tensor
+    n_labeled: int
+
+    @property
+    def labeled_image(self) -> torch.Tensor:
+        return self.image[: self.n_labeled]
+
+    @property
+    def unlabeled_image(self) -> torch.Tensor:
+        return self.image[self.n_labeled:]
+
+
+class TrainStream:
+    """Draws augmented two-stream batches from volumes kept on ``storage`` (the GPU under CUDA)."""
+
+    def __init__(self, data: LAData, split: Split, patch, b_labeled: int, b_unlabeled: int, seed: int,
+                 storage: torch.device, device: torch.device, keep_last: bool = False):
+        self.data, self.split, self.patch = data, split, tuple(patch)
+        self.storage, self.device = storage, device
+        self.rng = np.random.default_rng(seed)
+        self.sampler = TwoStreamSampler(len(split.labeled), len(split.unlabeled), b_labeled, b_unlabeled,
+                                        self.rng, keep_last=keep_last)
+        self._volumes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _volume(self, case_id: str):
+        if case_id not in self._volumes:
+            image, label = self.data.load(case_id)
+            self._volumes[case_id] = (torch.from_numpy(image).to(self.storage),
+                                      torch.from_numpy(label.astype(np.int64)).to(self.storage))
+        return self._volumes[case_id]
+
+    def next(self) -> Batch:
+        lab, unl = self.sampler.next()
+        ids = [self.split.labeled[i] for i in lab] + [self.split.unlabeled[i] for i in unl]
+        images, labels = [], []
+        for n, case_id in enumerate(ids):
+            image, label = augment(*self._volume(case_id), self.patch, self.rng)
+            images.append(image)
+            if n < len(lab):
+                labels.append(label)
+        image = torch.stack(images)[:, None].to(self.device, non_blocking=True)
+        label = torch.stack(labels).to(self.device, non_blocking=True)
+        return Batch(image.contiguous(), label.contiguous(), len(lab))
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.sampler.load_state_dict(state["sampler"])
+
+
+def verify(data: LAData) -> tuple[list[str], list[str]]:
+    """Check every listed case (checksum when listed, readable, shapes, label values).
+
+    Returns (summary lines, problem lines); the caller decides how to report.
+    """
+    sums = data.listed_sums()
+    problems, lines = [], []
+    for split_name, ids in (("train", data.train_ids), ("test", data.test_ids)):
+        shapes, fg = [], []
+        for case_id in ids:
+            path = data.case_path(case_id)
+            if not path.is_file():
+                problems.append(f"{case_id}: missing file {path}")
+                continue
+            if sums is not None:
+                if case_id not in sums:
+                    problems.append(f"{case_id}: not listed in {SUMS_NAME}")
+                elif sha256_file(path) != sums[case_id]:
+                    problems.append(f"{case_id}: sha256 differs from {SUMS_NAME}")
+            try:
+                image, label = data.load(case_id)
+            except UserError as exc:
+                problems.append(str(exc))
+                continue
+            shapes.append(image.shape)
+            fg.append(float(label.mean()))
+            data._cache.pop(case_id, None)  # verification reads each case once; keep memory flat
+        if shapes:
+            arr = np.array(shapes)
+            lo, hi = arr.min(0).tolist(), arr.max(0).tolist()
+            lines.append(f"{split_name}: {len(ids)} listed, {len(shapes)} readable; shape min {tuple(lo)} max {tuple(hi)}; "
+                         f"foreground fraction {np.mean(fg):.4f} (min {min(fg):.4f}, max {max(fg):.4f})")
+        else:
+            lines.append(f"{split_name}: {len(ids)} listed, none readable")
+    lines.append(f"checksums: {'checked against ' + SUMS_NAME if sums is not None else SUMS_NAME + ' absent, not checked'}")
+    return lines, problems

@@ -1,0 +1,150 @@
+"""The one evaluator: sliding-window inference (§2.1), LCC post-processing (§2.2), medpy-exact metrics (§2.3).
+
+Windows are batched and accumulated on the model's device. ``reference_style=True`` reproduces the
+reference repositories' loop (one window at a time, host-side numpy accumulation); it exists for
+``ssl-bench bench`` and gives the same probabilities up to float rounding.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .metrics import case_metrics, dice
+from .postprocess import largest_component
+from .progress import Progress
+
+METRICS = ("dice", "jaccard", "hd95", "asd")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    patch: tuple[int, int, int] = (112, 112, 80)
+    stride_xy: int = 18
+    stride_z: int = 4
+    window_batch: int = 8
+    amp: bool = False  # bf16 autocast (CUDA fast path only)
+    empty_policy: str = "penalty"  # Decisions 4; "zero" = the reference repositories' (0,0,0,0)
+
+
+def window_starts(size: int, patch: int, stride: int) -> list[int]:
+    """n = ceil((size - patch) / stride) + 1 windows starting at min(stride·i, size - patch)."""
+    n = math.ceil((size - patch) / stride) + 1
+    return [min(stride * i, size - patch) for i in range(n)]
+
+
+def _pad_amounts(shape, patch):
+    return [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2) for s, p in zip(shape, patch)]
+
+
+def _windows(shape, settings: EvalSettings):
+    strides = (settings.stride_xy, settings.stride_xy, settings.stride_z)
+    xs, ys, zs = (window_starts(s, p, st) for s, p, st in zip(shape, settings.patch, strides))
+    return [(x, y, z) for x in xs for y in ys for z in zs]
+
+
+@torch.no_grad()
+def sliding_window(prob_fn: Callable, net, image: np.ndarray, settings: EvalSettings, device: torch.device,
+                   reference_style: bool = False) -> np.ndarray:
+    """Average foreground probability over overlapping windows, cropped back to the image shape."""
+    pads = _pad_amounts(image.shape, settings.patch)
+    if any(sum(p) for p in pads):  # symmetric zero padding, left = pad // 2
+        image = np.pad(image, pads, mode="constant", constant_values=0)
+    shape = image.shape
+    px, py, pz = settings.patch
+    windows = _windows(shape, settings)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if settings.amp and device.type == "cuda"
+                else nullcontext())
+    if reference_style:
+        score = np.zeros(shape, np.float32)
+        count = np.zeros(shape, np.float32)
+        for x, y, z in windows:
+            patch = torch.from_numpy(np.ascontiguousarray(image[x:x + px, y:y + py, z:z + pz]))[None, None].to(device)
+            prob = prob_fn(net, patch)[0].float().cpu().numpy()
+            score[x:x + px, y:y + py, z:z + pz] += prob
+            count[x:x + px, y:y + py, z:z + pz] += 1
+        prob = score / count
+    else:
+        vol = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+        score = torch.zeros(shape, dtype=torch.float32, device=device)
+        count = torch.zeros(shape, dtype=torch.float32, device=device)
+        for i in range(0, len(windows), settings.window_batch):
+            chunk = windows[i:i + settings.window_batch]
+            x_in = torch.stack([vol[x:x + px, y:y + py, z:z + pz] for x, y, z in chunk])[:, None]
+            if device.type == "cuda":
+                x_in = x_in.contiguous(memory_format=torch.channels_last_3d)
+            with autocast:
+                prob = prob_fn(net, x_in).float()
+            for (x, y, z), p in zip(chunk, prob):
+                score[x:x + px, y:y + py, z:z + pz] += p
+                count[x:x + px, y:y + py, z:z + pz] += 1
+        prob = (score / count).cpu().numpy()
+    (xl, xr), (yl, yr), (zl, zr) = pads
+    return prob[xl:shape[0] - xr, yl:shape[1] - yr, zl:shape[2] - zr]
+
+
+def evaluate_cases(prob_fn: Callable, net, data, case_ids, settings: EvalSettings, device: torch.device,
+                   image_fn: Callable | None = None, reference_style: bool = False,
+                   progress: bool = True, label: str = "eval", dice_only: bool = False) -> tuple[list[dict], dict]:
+    """Per-case rows for both post-processings ("raw" and "lcc") and timings.
+
+    ``image_fn(case_id, image) -> image`` transforms the test image before inference (occlusion).
+    ``dice_only`` computes only the raw Dice, as the reference scripts' periodic test-set selection does.
+    """
+    was_training = net.training
+    net.eval()
+    rows, t_infer, t_metrics = [], 0.0, 0.0
+    bar = Progress(len(case_ids), label, enabled=progress, unit="case")
+    try:
+        for n, case_id in enumerate(case_ids):
+            image, gt = data.load(case_id)
+            if image_fn is not None:
+                image = image_fn(case_id, image)
+            t0 = time.perf_counter()
+            prob = sliding_window(prob_fn, net, image, settings, device, reference_style)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            pred = prob > 0.5
+            if dice_only:
+                rows.append({"case": case_id, "post": "raw", "dice": dice(pred, gt)})
+                t_infer += t1 - t0
+                bar.update(n + 1)
+                continue
+            for post, mask in (("raw", pred), ("lcc", largest_component(pred))):
+                row = {"case": case_id, "post": post}
+                row.update(case_metrics(mask, gt, empty_policy=settings.empty_policy))
+                rows.append(row)
+            t_metrics += time.perf_counter() - t1
+            t_infer += t1 - t0
+            bar.update(n + 1)
+    finally:
+        bar.close()
+        net.train(was_training)
+    n = max(len(case_ids), 1)
+    return rows, {"inference_s": t_infer, "metrics_s": t_metrics, "s_per_case": (t_infer + t_metrics) / n}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean, std (population, over cases) and empty-prediction count per post-processing."""
+    out = {}
+    for post in ("raw", "lcc"):
+        sel = [r for r in rows if r["post"] == post]
+        if not sel:
+            continue
+        s = {"n_cases": len(sel), "n_empty": int(sum(bool(r["empty"]) for r in sel))}
+        for m in METRICS:
+            vals = np.array([r[m] for r in sel], dtype=np.float64)
+            s[m] = float(vals.mean())
+            s[m + "_std"] = float(vals.std())
+        out[post] = s
+    return out
+
+
+def mean_dice(rows: list[dict], post: str = "raw") -> float:
+    return float(np.mean([r["dice"] for r in rows if r["post"] == post]))

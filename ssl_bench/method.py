@@ -1,0 +1,146 @@
+"""The Method interface and the registry.
+
+A registered method is a sequence of stages (most methods have one). A stage declares its networks,
+its batch composition and schedule defaults, and what one iteration computes (its losses). It owns
+nothing of the loop: the one trainer (``ssl_bench.trainer``) draws batches, runs backward and the
+optimiser steps, sets learning rates, checkpoints, selects and evaluates.
+
+Iteration conventions handed to a stage:
+- ``it0`` in :meth:`Stage.losses` is the number of completed iterations (0-based, before the
+  increment) — what the reference scripts call ``iter_num`` when they compute ramps.
+- ``done`` in :meth:`Stage.lr` is the number of completed iterations (1-based after a step); the
+  returned value is the learning rate for the next step.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .vnet import VNet
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage may know about the run it is part of, fixed before training starts."""
+
+    labeled: int
+    patch: tuple[int, int, int]
+    n_filters: int = 16
+    options: dict = field(default_factory=dict)
+
+
+class Stage(ABC):
+    """One training stage. Subclasses set the class attributes and implement :meth:`networks` and :meth:`losses`."""
+
+    iterations: ClassVar[int] = 6000
+    batch_labeled: ClassVar[int] = 2
+    batch_unlabeled: ClassVar[int] = 2
+    base_lr: ClassVar[float] = 0.01
+    #: optimiser phases run in order each iteration; each has its own optimiser (see :meth:`optimizers`)
+    phases: ClassVar[tuple[str, ...]] = ("main",)
+    #: the network that is trained by the "main" phase, evaluated, and handed to a following stage
+    trained: ClassVar[str] = "student"
+    #: largest-connected-component post-processing in the method's own test script (§2.2)
+    paper_lcc: ClassVar[bool] = False
+    #: reference best-on-test selection: (first iteration, every) or None when the reference uses the last
+    literature_selection: ClassVar[tuple[int, int] | None] = None
+    #: the plain shuffled DataLoader of the labeled-only baseline keeps a final short batch
+    keep_last_batch: ClassVar[bool] = False
+
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+
+    # -- what the method declares ------------------------------------------------------------
+    @abstractmethod
+    def networks(self) -> dict[str, nn.Module]:
+        """The stage's networks by name; ``trained`` names the one the main optimiser updates."""
+
+    @abstractmethod
+    def losses(self, phase: str, nets: dict[str, nn.Module], batch, it0: int) -> tuple[torch.Tensor, dict]:
+        """The loss to minimise in ``phase`` and a dict of floats/tensors to log."""
+
+    def optimizers(self, nets: dict[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
+        """SGD, momentum 0.9, weight decay 1e-4 on the trained network (§1.8)."""
+        return {"main": torch.optim.SGD(nets[self.trained].parameters(), lr=self.base_lr,
+                                        momentum=0.9, weight_decay=1e-4)}
+
+    def lr(self, done: int) -> float:
+        """Step schedule (§1.8): ×0.1 after every 2500 completed iterations."""
+        return self.base_lr * 0.1 ** (done // 2500)
+
+    def after_step(self, nets: dict[str, nn.Module], it0: int) -> None:
+        """Runs after every optimiser phase of iteration ``it0`` (e.g. an EMA update)."""
+
+    def train_modes(self, nets: dict[str, nn.Module]) -> None:
+        """Put networks in their training modes (teachers of these codebases stay in train mode)."""
+        for net in nets.values():
+            net.train()
+
+    def extra_state(self):
+        """State outside networks and optimisers that --resume must restore (none by default)."""
+        return None
+
+    def load_extra_state(self, state) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+    def init_from(self, nets: dict[str, nn.Module], previous: dict[str, torch.Tensor]) -> None:
+        """Initialise from the previous stage's handed-over weights (multi-stage methods)."""
+
+    def foreground_probability(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(N, X, Y, Z) foreground probability of the evaluated network, used by the sliding window (§2.1)."""
+        out = net(x)
+        if isinstance(out, tuple):
+            out = out[0]
+        return torch.softmax(out.float(), dim=1)[:, 1]
+
+    # -- helpers shared by the methods -------------------------------------------------------
+    def vnet(self, **kwargs) -> VNet:
+        return VNet(n_filters=self.ctx.n_filters, **kwargs)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    stages: tuple[type[Stage], ...]
+    summary: str
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(name: str, *stages: type[Stage], summary: str = "") -> Callable:
+    """Register a method. As a class decorator: ``@register("vnet")`` registers a one-stage method.
+
+    With explicit stages, ``register("omf", Stage1, Stage2)`` registers a multi-stage method.
+    """
+    def _add(spec_stages: tuple[type[Stage], ...]) -> None:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} registered twice")
+        doc = summary or ((spec_stages[-1].__doc__ or "").strip().splitlines() or [""])[0]
+        _REGISTRY[name] = MethodSpec(name, spec_stages, doc)
+
+    if stages:
+        _add(tuple(stages))
+        return lambda cls: cls
+
+    def decorator(cls: type[Stage]) -> type[Stage]:
+        _add((cls,))
+        return cls
+    return decorator
+
+
+def registry() -> dict[str, MethodSpec]:
+    import methods  # noqa: F401  (imports every method module; an import error is an error, never swallowed)
+    return dict(_REGISTRY)
+
+
+def get_method(name: str) -> MethodSpec:
+    reg = registry()
+    if name not in reg:
+        raise UserError(f"unknown method {name!r}; registered: {', '.join(sorted(reg))}")
+    return reg[name]

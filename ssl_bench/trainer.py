@@ -1,0 +1,463 @@
+"""The one training loop for every method, and the run folder it writes.
+
+Run folder (self-describing)::
+
+    config.json            every setting, the method's stage defaults, split, data checksums, provenance
+    log.jsonl              one line per logged iteration: stage, iteration, lr, losses, it/s
+    checkpoints/last.pt    full state for --resume (weights, optimisers, RNG and sampler state)
+    stages/stageK.pt       the weights a stage hands on (last, or best-on-test under `literature`)
+    metrics_per_case.csv   per test case and post-processing (raw, lcc): dice, jaccard, hd95, asd, empty
+    summary.json           means ± std, protocol, selected checkpoints, empty counts, timings
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import LAData, TrainStream
+from .errors import Interrupted, UserError
+from .evaluate import EvalSettings, evaluate_cases, mean_dice, summarize
+from .method import StageContext, get_method
+from .progress import Progress
+from .runs import atomic_torch_save, atomic_write_json, atomic_write_text, prepare_run_dir, provenance, read_json
+
+PROTOCOLS = ("honest", "literature")
+
+
+@dataclass
+class RunConfig:
+    method: str
+    labeled: int = 8
+    seed: int = 1337
+    iterations: int | None = None  # None: each stage's own default; otherwise applied to every stage
+    patch: tuple[int, int, int] = (112, 112, 80)
+    n_filters: int = 16
+    device: str = "auto"
+    profile: str = "paper"
+    protocol: str = "honest"
+    checkpoint_every: int = 1000
+    log_every: int = 20
+    selection_every: int | None = None  # None: the reference's 200
+    eval_stride_xy: int = 18
+    eval_stride_z: int = 4
+    eval_cases: int | None = None  # None: every case of test.list
+    empty_policy: str = "penalty"
+    fast: bool = True  # CUDA fast path: data on the GPU, bf16 autocast, channels_last_3d, cudnn.benchmark
+    teacher: str | None = None  # a run folder whose stage 1 is reused instead of trained (multi-stage methods)
+    options: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise UserError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        if self.iterations is not None and self.iterations < 1:
+            raise UserError(f"--iterations must be at least 1, got {self.iterations}")
+        if len(self.patch) != 3 or any(p < 16 or p % 16 for p in self.patch):
+            raise UserError(f"--patch needs three sizes, each a multiple of 16 (the V-Net halves 4 times), got {self.patch}")
+        if self.n_filters < 1:
+            raise UserError(f"--n-filters must be positive, got {self.n_filters}")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise UserError("checkpoint and log intervals must be positive")
+        if self.empty_policy not in ("penalty", "zero"):
+            raise UserError(f"unknown empty-prediction policy {self.empty_policy!r}; choose penalty or zero")
+        if self.eval_cases is not None and self.eval_cases < 1:
+            raise UserError(f"--eval-cases must be at least 1, got {self.eval_cases}")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["patch"] = list(self.patch)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["patch"] = tuple(d["patch"])
+        return cls(**d)
+
+
+PROFILES = {
+    "paper": {},
+    # tiny preset: finishes on 2 CPU cores in well under a minute on the real data
+    "smoke": {"patch": (48, 48, 32), "n_filters": 4, "iterations": 12, "checkpoint_every": 6, "log_every": 3,
+              "eval_stride_xy": 48, "eval_stride_z": 20, "eval_cases": 2, "selection_every": 6},
+}
+
+
+def build_config(method: str, profile: str = "paper", **overrides) -> RunConfig:
+    """Profile defaults, then every explicitly given (non-None) override."""
+    if profile not in PROFILES:
+        raise UserError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    values = {"method": method, "profile": profile, **PROFILES[profile]}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = RunConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r}; choose cpu, cuda or auto")
+    return torch.device(name)
+
+
+class _StopRequest:
+    """Ctrl-C asks the loop to stop at the next iteration boundary (a second Ctrl-C interrupts at once)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, out: Path, data: LAData, progress: bool = True):
+        self.cfg, self.out, self.data, self.progress = cfg, Path(out), data, progress
+        self.spec = get_method(cfg.method)
+        self.device = resolve_device(cfg.device)
+        self.split = data.split(cfg.labeled)
+        self.test_ids = list(self.split.test[: cfg.eval_cases] if cfg.eval_cases else self.split.test)
+        self.cuda_fast = self.device.type == "cuda" and cfg.fast
+        self.eval_settings = EvalSettings(patch=cfg.patch, stride_xy=cfg.eval_stride_xy, stride_z=cfg.eval_stride_z,
+                                          amp=self.cuda_fast, empty_policy=cfg.empty_policy)
+        self.ctx = StageContext(labeled=cfg.labeled, patch=tuple(cfg.patch), n_filters=cfg.n_filters,
+                                options=dict(cfg.options))
+        self.stages = [cls(self.ctx) for cls in self.spec.stages]
+
+    # -- folder ---------------------------------------------------------------------------
+    def stage_iterations(self, k: int) -> int:
+        return self.cfg.iterations if self.cfg.iterations is not None else self.stages[k].iterations
+
+    def describe(self) -> dict:
+        stages = []
+        for k, st in enumerate(self.stages):
+            stages.append({"stage": type(st).__name__, "iterations": self.stage_iterations(k),
+                           "batch_labeled": st.batch_labeled, "batch_unlabeled": st.batch_unlabeled,
+                           "base_lr": st.base_lr, "phases": list(st.phases), "paper_lcc": st.paper_lcc,
+                           "literature_selection": st.literature_selection})
+        return {"name": self.spec.name, "summary": self.spec.summary, "stages": stages}
+
+    def write_config(self) -> None:
+        used = list(self.split.labeled) + list(self.split.unlabeled) + list(self.test_ids)
+        cfg_json = self.cfg.to_json()
+        atomic_write_json(self.out / "config.json", {
+            "config": cfg_json,
+            "method": self.describe(),
+            "split": {"labeled": list(self.split.labeled), "n_unlabeled": len(self.split.unlabeled),
+                      "unlabeled": list(self.split.unlabeled), "test": self.test_ids},
+            "data": {"root": str(self.data.root), "sha256": self.data.checksums(used),
+                     "listed_sha256_file": self.data.listed_sums() is not None},
+            "provenance": provenance(),
+        })
+
+    def check_resumable(self) -> None:
+        stored = read_json(self.out / "config.json")["config"]
+        mine = self.cfg.to_json()
+        diff = [k for k in mine if stored.get(k) != mine[k]]
+        if diff:
+            k = diff[0]
+            raise UserError(f"cannot resume {self.out}: setting {k!r} was {stored.get(k)!r}, now {mine[k]!r}")
+
+    # -- training -------------------------------------------------------------------------
+    def run(self, resume: bool = False, stop_at: tuple[int, int] | None = None) -> dict:
+        """Train every stage, then evaluate. ``stop_at=(stage, iteration)`` simulates an interruption (tests)."""
+        state = None
+        if resume:
+            self.check_resumable()
+            if (self.out / "checkpoints" / "last.pt").is_file():
+                state = torch.load(self.out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+        else:
+            self.write_config()
+        self._truncate_log(state)
+        timings = state["timings"] if state else {}
+        previous = None
+        if self.cfg.teacher and not (self.out / "stages" / "stage1.pt").is_file():
+            self.adopt_teacher(Path(self.cfg.teacher))
+        for k in range(len(self.stages)):
+            final = self.out / "stages" / f"stage{k + 1}.pt"
+            if final.is_file() and (state is None or state["stage"] > k):
+                previous = torch.load(final, map_location="cpu", weights_only=False)
+                continue
+            stage_state = state if state is not None and state["stage"] == k else None
+            previous = self.train_stage(k, previous, stage_state, timings, stop_at)
+            state = None
+        return self.evaluate(timings)
+
+    def adopt_teacher(self, run_dir: Path) -> None:
+        """Reuse stage 1 of another run (e.g. one `omf-s1` run feeding several stage-2 runs)."""
+        if len(self.stages) < 2:
+            raise UserError(f"--teacher needs a multi-stage method; {self.spec.name} has one stage")
+        src = run_dir / "stages" / "stage1.pt"
+        if not src.is_file():
+            raise UserError(f"--teacher {run_dir}: no finished stage 1 (stages/stage1.pt)")
+        theirs = read_json(run_dir / "config.json")["config"]
+        handed = torch.load(src, map_location="cpu", weights_only=False)
+        want = type(self.stages[0]).__name__
+        if handed.get("stage_class") != want:
+            raise UserError(f"--teacher {run_dir}: its stage 1 is {handed.get('stage_class')}, {self.spec.name} needs {want}")
+        for key in ("labeled", "patch", "n_filters", "protocol"):
+            mine = self.cfg.to_json()[key]
+            if theirs.get(key) != mine:
+                raise UserError(f"--teacher {run_dir}: its {key} is {theirs.get(key)!r}, this run's is {mine!r}")
+        handed["adopted_from"] = str(run_dir)
+        atomic_torch_save(handed, self.out / "stages" / "stage1.pt")
+
+    def _truncate_log(self, state) -> None:
+        log = self.out / "log.jsonl"
+        if not log.is_file():
+            return
+        keep_until = (state["stage"] + 1, state["iteration"]) if state else None
+        lines = []
+        for line in log.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the interruption
+            if keep_until is None or (row["stage"], row["iteration"]) <= keep_until:
+                lines.append(line)
+        if keep_until is None:
+            # completed stages are kept; the interrupted stage restarts from its beginning
+            done = {int(p.stem[5:]) for p in (self.out / "stages").glob("stage*.pt")}
+            lines = [ln for ln in lines if json.loads(ln)["stage"] in done]
+        atomic_write_text(log, "".join(ln + "\n" for ln in lines))
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda_fast else nullcontext()
+
+    def _setup_backend(self) -> None:
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = self.cfg.fast
+            torch.backends.cudnn.deterministic = not self.cfg.fast
+
+    def build_stage(self, k: int, previous):
+        stage = self.stages[k]
+        torch.manual_seed(self.cfg.seed + 1000 * k)
+        nets = stage.networks()
+        for name, net in nets.items():
+            net.to(self.device)
+            if self.cuda_fast:
+                net.to(memory_format=torch.channels_last_3d)
+        if previous is not None:
+            stage.init_from(nets, previous["weights"])
+        return stage, nets
+
+    def make_stream(self, k: int, stage) -> TrainStream:
+        storage = self.device if self.cuda_fast else torch.device("cpu")
+        return TrainStream(self.data, self.split, self.cfg.patch, stage.batch_labeled, stage.batch_unlabeled,
+                           seed=self.cfg.seed + 1000 * k, storage=storage, device=self.device,
+                           keep_last=stage.keep_last_batch)
+
+    def train_step(self, stage, nets, opts, batch, it0: int) -> dict:
+        """One iteration: every phase's loss, backward and optimiser step, then the stage's after-step."""
+        stage.train_modes(nets)
+        logs = {}
+        for phase in stage.phases:
+            for opt in opts.values():
+                opt.zero_grad(set_to_none=True)
+            with self._autocast():
+                loss, parts = stage.losses(phase, nets, batch, it0)
+            loss.backward()
+            opts[phase].step()
+            logs["loss" if phase == "main" else f"loss_{phase}"] = loss.detach()
+            logs.update({k: (v.detach() if torch.is_tensor(v) else v) for k, v in parts.items()})
+        stage.after_step(nets, it0)
+        return logs
+
+    def train_stage(self, k: int, previous, state, timings: dict, stop_at) -> dict:
+        self._setup_backend()
+        stage, nets = self.build_stage(k, previous)
+        opts = stage.optimizers(nets)
+        stream = self.make_stream(k, stage)
+        iters = self.stage_iterations(k)
+        selection = stage.literature_selection if self.cfg.protocol == "literature" else None
+        sel_every = self.cfg.selection_every or (selection[1] if selection else 200)
+        best = {"dice": None, "iteration": None}
+        start, elapsed_before = 0, 0.0
+        if state is not None:
+            for name, net in nets.items():
+                net.load_state_dict(state["nets"][name])
+            for name, opt in opts.items():
+                opt.load_state_dict(state["optimizers"][name])
+            stream.load_state_dict(state["stream"])
+            torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            start, best, elapsed_before = state["iteration"], state["best"], state["elapsed_s"]
+            stage.load_extra_state(state.get("extra"))
+        for opt in opts.values():
+            for g in opt.param_groups:
+                g["lr"] = stage.lr(start) if opt is opts["main"] else g["lr"]
+        key = f"stage{k + 1}"
+        bar = Progress(iters, f"{self.spec.name} {key}" if len(self.stages) > 1 else self.spec.name,
+                       enabled=self.progress, start=start)
+        log_path = self.out / "log.jsonl"
+        t0 = time.perf_counter()
+        t_last, it_last = t0, start
+        with _StopRequest() as stop, open(log_path, "a") as log:
+            for it0 in range(start, iters):
+                batch = stream.next()
+                if self.cuda_fast:
+                    batch.image = batch.image.contiguous(memory_format=torch.channels_last_3d)
+                logs = self.train_step(stage, nets, opts, batch, it0)
+                done = it0 + 1
+                lr = stage.lr(done)
+                for g in opts["main"].param_groups:
+                    g["lr"] = lr
+                if selection and done >= selection[0] and done % sel_every == 0:
+                    dice = self._selection_dice(stage, nets)
+                    logs["test_dice_raw"] = dice
+                    if best["dice"] is None or dice > best["dice"]:
+                        best = {"dice": dice, "iteration": done}
+                        self._save_weights(stage, nets, self.out / "checkpoints" / f"{key}_best.pt", done, "best-on-test")
+                if done % self.cfg.log_every == 0 or done == iters or done == start + 1:
+                    now = time.perf_counter()
+                    rate = (done - it_last) / (now - t_last) if now > t_last else 0.0
+                    t_last, it_last = now, done
+                    row = {"stage": k + 1, "iteration": done, "lr": lr, "it_per_s": round(rate, 4),
+                           "elapsed_s": round(elapsed_before + now - t0, 3)}
+                    row.update({n: (float(v) if torch.is_tensor(v) else v) for n, v in logs.items()})
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    bar.update(done, f"loss {row['loss']:.4f} lr {lr:.2e}")
+                elapsed = elapsed_before + time.perf_counter() - t0
+                interrupt = stop.requested or (stop_at is not None and stop_at == (k + 1, done))
+                if done % self.cfg.checkpoint_every == 0 or done == iters or interrupt:
+                    self._save_state(k, done, stage, nets, opts, stream, best, elapsed, timings)
+                if interrupt:
+                    bar.close()
+                    raise Interrupted(f"interrupted at {key} iteration {done}; continue with --resume")
+        bar.close()
+        elapsed = elapsed_before + time.perf_counter() - t0
+        timings[key] = {"train_s": round(elapsed, 3), "iterations": iters, "it_per_s": round(iters / elapsed, 4)}
+        if selection and best["iteration"] is not None:
+            handed = torch.load(self.out / "checkpoints" / f"{key}_best.pt", map_location="cpu", weights_only=False)
+        else:
+            handed = {"weights": self._weights(stage, nets), "iteration": iters, "selection": "last"}
+        handed.update({"stage": k + 1, "stage_class": type(stage).__name__, "best_on_test": best,
+                       "protocol": self.cfg.protocol})
+        atomic_torch_save(handed, self.out / "stages" / f"{key}.pt")
+        return handed
+
+    def _weights(self, stage, nets) -> dict:
+        return {n: v.detach().cpu().clone() for n, v in nets[stage.trained].state_dict().items()}
+
+    def _save_weights(self, stage, nets, path: Path, iteration: int, selection: str) -> None:
+        atomic_torch_save({"weights": self._weights(stage, nets), "iteration": iteration, "selection": selection}, path)
+
+    def _save_state(self, k, done, stage, nets, opts, stream, best, elapsed, timings) -> None:
+        atomic_torch_save({
+            "stage": k, "iteration": done, "best": best, "elapsed_s": elapsed, "timings": dict(timings),
+            "nets": {n: net.state_dict() for n, net in nets.items()},
+            "optimizers": {n: o.state_dict() for n, o in opts.items()},
+            "stream": stream.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "extra": stage.extra_state(),
+        }, self.out / "checkpoints" / "last.pt")
+
+    def _selection_dice(self, stage, nets) -> float:
+        rows, _ = evaluate_cases(stage.foreground_probability, nets[stage.trained], self.data, self.test_ids,
+                                 self.eval_settings, self.device, progress=False, dice_only=True)
+        return mean_dice(rows)
+
+    # -- evaluation -----------------------------------------------------------------------
+    def final_network(self):
+        k = len(self.stages) - 1
+        stage = self.stages[k]
+        handed = torch.load(self.out / "stages" / f"stage{k + 1}.pt", map_location="cpu", weights_only=False)
+        torch.manual_seed(self.cfg.seed)
+        net = stage.networks()[stage.trained]
+        net.load_state_dict(handed["weights"])
+        net.to(self.device)
+        if self.cuda_fast:
+            net.to(memory_format=torch.channels_last_3d)
+        return stage, net, handed
+
+    def evaluate(self, timings: dict | None = None) -> dict:
+        stage, net, handed = self.final_network()
+        rows, eval_t = evaluate_cases(stage.foreground_probability, net, self.data, self.test_ids,
+                                      self.eval_settings, self.device, progress=self.progress)
+        write_metrics_csv(self.out / "metrics_per_case.csv", rows)
+        if timings is None:
+            old = self.out / "summary.json"
+            timings = read_json(old).get("timings", {}) if old.is_file() else {}
+        timings = dict(timings)
+        timings["eval"] = {k: round(v, 3) for k, v in eval_t.items()}
+        summary = {
+            "method": self.spec.name, "labeled": self.cfg.labeled, "seed": self.cfg.seed,
+            "protocol": self.cfg.protocol, "profile": self.cfg.profile,
+            "checkpoint": {"stage": handed["stage"], "iteration": handed["iteration"], "selection": handed["selection"]},
+            "best_on_test": handed.get("best_on_test"),
+            "paper_post": "lcc" if stage.paper_lcc else "raw",
+            "empty_policy": self.cfg.empty_policy,
+            "test_cases": self.test_ids,
+            "metrics": summarize(rows),
+            "timings": timings,
+            "device": str(self.device),
+            "gpu": torch.cuda.get_device_name(0) if self.device.type == "cuda" else None,
+        }
+        atomic_write_json(self.out / "summary.json", summary)
+        return summary
+
+
+def write_metrics_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    cols = ["case", "post", "dice", "jaccard", "hd95", "asd", "empty"]
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: (repr(float(r[c])) if c in ("dice", "jaccard", "hd95", "asd") else r[c]) for c in cols})
+    atomic_write_text(path, buf.getvalue())
+
+
+def run_training(cfg: RunConfig, out: Path, data_dir=None, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True, stop_at=None) -> dict:
+    """Validate everything that can be checked cheaply BEFORE touching the output folder, then train."""
+    data = LAData(data_dir)
+    get_method(cfg.method)
+    data.split(cfg.labeled)
+    resolve_device(cfg.device)
+    out = Path(out).resolve()
+    prepare_run_dir(out, resume=resume, overwrite=overwrite)
+    trainer = Trainer(cfg, out, data, progress=progress)
+    return trainer.run(resume=resume, stop_at=stop_at)
+
+
+def load_run(run_dir: Path, data_dir=None, device: str | None = None, progress: bool = True) -> Trainer:
+    run_dir = Path(run_dir).resolve()
+    stored = read_json(run_dir / "config.json")
+    cfg = RunConfig.from_json(stored["config"])
+    if device is not None:
+        cfg = replace(cfg, device=device)
+    data = LAData(data_dir if data_dir is not None else stored["data"]["root"])
+    trainer = Trainer(cfg, run_dir, data, progress=progress)
+    last = len(trainer.stages)
+    if not (run_dir / "stages" / f"stage{last}.pt").is_file():
+        raise UserError(f"{run_dir} has no trained model yet (stages/stage{last}.pt); finish it with --resume")
+    return trainer
