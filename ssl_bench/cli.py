@@ -45,7 +45,7 @@ def cli():
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--protocol", type=click.Choice(["honest", "literature"]), default="honest", show_default=True,
               help="honest: evaluate the last checkpoint; literature: best-on-test where the reference does it")
-@click.option("--profile", type=click.Choice(["paper", "smoke"]), default="paper", show_default=True)
+@click.option("--profile", type=click.Choice(["paper", "smoke", "demo"]), default="paper", show_default=True)
 @click.option("--checkpoint-every", type=int, default=None)
 @click.option("--eval-cases", type=int, default=None, help="evaluate only the first N test cases")
 @click.option("--empty-policy", type=click.Choice(["penalty", "zero"]), default=None,
@@ -139,7 +139,7 @@ def data_demo(out, seed):
 @click.option("--method", default="vnet", show_default=True)
 @click.option("--data", "data_dir", default=None, help=DATA_HELP)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--profile", type=click.Choice(["paper", "smoke"]), default="paper", show_default=True)
+@click.option("--profile", type=click.Choice(["paper", "smoke", "demo"]), default="paper", show_default=True)
 @click.option("--iterations", type=int, default=None, help="timed iterations per path (default 50 on CUDA, 3 on CPU)")
 @click.option("--eval-cases", type=int, default=None, help="test cases timed per path (default 20 on CUDA, 1 on CPU)")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="also write the measurement as JSON here")
@@ -148,6 +148,10 @@ def bench(method, data_dir, device, profile, iterations, eval_cases, out):
     from .bench import run_bench
 
     run_bench(method, data_dir, device, profile, iterations, eval_cases, out)
+
+
+from .occlusion import occlusion_command  # noqa: E402
+cli.add_command(occlusion_command)
 
 
 def main(argv=None) -> int:

@@ -88,10 +88,7 @@ class LAData:
             raise UserError(f"--labeled must be between 1 and {n} (the training list has {n} cases), got {labeled}")
         return Split(tuple(self.train_ids[:labeled]), tuple(self.train_ids[labeled:]), tuple(self.test_ids))
 
-    def load(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """(image float32, label uint8 in {0,1}) of one case, validated; one clear error if not."""
-        if case_id in self._cache:
-            return self._cache[case_id]
+    def _read(self, case_id: str, image: bool) -> tuple[np.ndarray | None, np.ndarray]:
         path = self.case_path(case_id)
         if not path.is_file():
             raise UserError(f"case {case_id}: missing file {path}")
@@ -100,22 +97,33 @@ class LAData:
                 missing = [k for k in ("image", "label") if k not in f]
                 if missing:
                     raise UserError(f"case {case_id}: {path} has no dataset {' or '.join(map(repr, missing))}")
-                image = np.asarray(f["image"][...], dtype=np.float32)
+                shape_i, shape_l = f["image"].shape, f["label"].shape
+                if len(shape_i) != 3 or shape_i != shape_l:
+                    raise UserError(f"case {case_id}: image shape {shape_i} and label shape {shape_l} differ or are not 3-D")
+                img = np.asarray(f["image"][...], dtype=np.float32) if image else None
                 label = f["label"][...]
         except UserError:
             raise
         except Exception as exc:  # h5py raises OSError/KeyError/ValueError for damaged files
             raise UserError(f"case {case_id}: cannot read {path} ({type(exc).__name__}: {exc})") from None
-        if image.ndim != 3 or image.shape != label.shape:
-            raise UserError(f"case {case_id}: image shape {image.shape} and label shape {label.shape} differ or are not 3-D")
         if label.size and (label.min() < 0 or label.max() > 1 or not np.array_equal(label, np.round(label))):
             values = np.unique(label)[:6].tolist()
             raise UserError(f"case {case_id}: label values must be 0 or 1, found {values}")
-        if not np.isfinite(image).all():
+        if img is not None and not np.isfinite(img).all():
             raise UserError(f"case {case_id}: image contains NaN or infinite values")
-        item = (image, label.astype(np.uint8))
-        self._cache[case_id] = item
-        return item
+        return img, label.astype(np.uint8)
+
+    def load(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(image float32, label uint8 in {0,1}) of one case, validated; one clear error if not."""
+        if case_id not in self._cache:
+            self._cache[case_id] = self._read(case_id, image=True)
+        return self._cache[case_id]
+
+    def check(self, ids) -> None:
+        """Validate cases before any output is written: files, datasets, shapes, label values (images are read lazily)."""
+        for case_id in ids:
+            if case_id not in self._cache:
+                self._read(case_id, image=False)
 
     def listed_sums(self) -> dict[str, str] | None:
         """The sha256 per case id from SHA256SUMS.h5.txt, or None when the file is absent."""
@@ -261,7 +269,7 @@ class TrainStream:
         if case_id not in self._volumes:
             image, label = self.data.load(case_id)
             self._volumes[case_id] = (torch.from_numpy(image).to(self.storage),
-                                      torch.from_numpy(label.astype(np.int64)).to(self.storage))
+                                      torch.from_numpy(label).to(self.storage))
         return self._volumes[case_id]
 
     def next(self) -> Batch:
@@ -272,7 +280,7 @@ class TrainStream:
             image, label = augment(*self._volume(case_id), self.patch, self.rng)
             images.append(image)
             if n < len(lab):
-                labels.append(label)
+                labels.append(label.long())
         image = torch.stack(images)[:, None].to(self.device, non_blocking=True)
         label = torch.stack(labels).to(self.device, non_blocking=True)
         return Batch(image.contiguous(), label.contiguous(), len(lab))

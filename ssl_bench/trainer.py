@@ -90,6 +90,9 @@ PROFILES = {
     # tiny preset: finishes on 2 CPU cores in well under a minute on the real data
     "smoke": {"patch": (48, 48, 32), "n_filters": 4, "iterations": 12, "checkpoint_every": 6, "log_every": 3,
               "eval_stride_xy": 48, "eval_stride_z": 20, "eval_cases": 2, "selection_every": 6},
+    # the README's main job on the built-in demo data: a few minutes on 2 CPU cores
+    "demo": {"patch": (48, 48, 32), "n_filters": 4, "iterations": 200, "checkpoint_every": 100, "log_every": 10,
+             "eval_stride_xy": 24, "eval_stride_z": 12, "selection_every": 50},
 }
 
 
@@ -441,8 +444,9 @@ def run_training(cfg: RunConfig, out: Path, data_dir=None, resume: bool = False,
     """Validate everything that can be checked cheaply BEFORE touching the output folder, then train."""
     data = LAData(data_dir)
     get_method(cfg.method)
-    data.split(cfg.labeled)
+    split = data.split(cfg.labeled)
     resolve_device(cfg.device)
+    data.check(split.labeled + split.unlabeled + split.test)
     out = Path(out).resolve()
     prepare_run_dir(out, resume=resume, overwrite=overwrite)
     trainer = Trainer(cfg, out, data, progress=progress)

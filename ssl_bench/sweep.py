@@ -1,0 +1,311 @@
+"""`ssl-bench sweep EXPERIMENT`: every cell of an experiment file as one Ray Tune trial.
+
+- A cell trains into ``<runs-dir>/<cell ID>`` (absolute paths: Tune runs trials in their own
+  working folders, possibly on other nodes of a cluster sharing the file system).
+- A cell whose run folder has ``summary.json`` is complete and skipped, after checking that it was
+  made with the same defining settings (otherwise the sweep stops with the first difference).
+- Each trial asks Ray for ``--cpus-per-trial`` CPUs and ``--gpus-per-trial`` GPUs (fractions share a
+  GPU) and limits torch to as many threads as it has CPUs.
+- A crashing trial is retried ``--max-failures`` times by Tune (FailureConfig); a retry continues
+  the run folder from its last checkpoint. A cell that still fails is recorded as failed; the others
+  go on. Attempts and tracebacks go to ``<runs-dir>/_sweeps/<experiment>/logs/<cell>.log``, the
+  outcome of every cell to ``<runs-dir>/_sweeps/<experiment>/status.json``.
+- Multi-stage cells that reuse another cell's stage 1 (``--teacher``, see
+  ssl_bench.experiments.STAGE1_PROVIDERS) run in a later wave, after the cells they depend on; a
+  cell whose provider failed is not started.
+
+Restarting after the driver was killed: ``--resume`` re-launches the sweep. Complete cells are
+skipped and every incomplete run folder continues from its own ``checkpoints/last.pt`` (the
+trainer's resume). This is preferred to ``Tuner.restore`` because the run folders, written
+atomically by the trainer, are the one source of truth: they survive any kill, while Tune's
+experiment snapshot is written periodically, can lag behind them, is tied to one storage path and
+Ray version, and cannot take an edited experiment file (e.g. one more seed). The same path serves
+Tune's own retries. Without ``--resume`` the sweep refuses to touch incomplete run folders.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+from .experiments import Cell, load_experiment, same_run, wave_index
+from .runs import atomic_write_json, read_json
+
+ATTEMPT = "attempt "
+ERROR = "error: "
+SWEEP_START = "== sweep "
+
+
+def sweep_dir(runs_dir: Path, experiment: str) -> Path:
+    return Path(runs_dir) / "_sweeps" / experiment
+
+
+def cell_config(cell: Cell, runs_dir: Path, gpus_per_trial: float) -> dict:
+    """The exact RunConfig (as JSON) a cell trains with: device from the resources, teacher folder absolute."""
+    extra = {}
+    if "device" not in cell.overrides:
+        extra["device"] = "cuda" if gpus_per_trial > 0 else "cpu"
+    if cell.teacher:
+        extra["teacher"] = str(Path(runs_dir) / cell.teacher)
+    return cell.config(**extra).to_json()
+
+
+def classify(cells: list[Cell], runs_dir: Path, gpus_per_trial: float, resume: bool):
+    """Split the plan into (to run, already complete); refuse stale or unresumable folders."""
+    todo, complete, problems, incomplete = [], [], [], []
+    for cell in cells:
+        out = cell.run_dir(runs_dir)
+        wanted = cell_config(cell, runs_dir, gpus_per_trial)
+        stored_path = out / "config.json"
+        if (out / "summary.json").is_file():
+            if not stored_path.is_file():
+                problems.append(f"{out} has summary.json but no config.json")
+                continue
+            diff = same_run(read_json(stored_path)["config"], wanted)
+            if diff:
+                problems.append(f"{out} is not this cell ({diff}); move it away or use another --runs-dir")
+            else:
+                complete.append(cell)
+            continue
+        if stored_path.is_file():
+            if not resume:
+                incomplete.append(cell)
+                continue
+            stored = read_json(stored_path)["config"]
+            diff = [k for k in wanted if stored.get(k) != wanted[k]]
+            if diff:
+                k = diff[0]
+                problems.append(f"cannot resume {out}: setting {k!r} was {stored.get(k)!r}, now {wanted[k]!r}")
+                continue
+        todo.append(cell)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more)
+    if incomplete:
+        more = f" and {len(incomplete) - 1} more" if len(incomplete) > 1 else ""
+        raise UserError(f"incomplete run folder {incomplete[0].run_dir(runs_dir)}{more}: pass --resume to continue "
+                        "them from their checkpoints")
+    return todo, complete
+
+
+# -- inside a Ray worker -------------------------------------------------------------------------
+
+def _log(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().isoformat(timespec="seconds")
+    with open(path, "a") as f:
+        f.write(f"{stamp} {text}\n")
+
+
+def train_cell(job: dict) -> dict:
+    """Train one cell into its run folder (fresh, or continued when a previous attempt left a config.json)."""
+    from .trainer import RunConfig, run_training
+
+    out = Path(job["out"])
+    if (out / "summary.json").is_file():
+        return read_json(out / "summary.json")
+    cfg = RunConfig.from_json(job["config"])
+    resume = (out / "config.json").is_file()
+    overwrite = not resume and out.is_dir() and any(out.iterdir())  # an attempt that died before config.json
+    return run_training(cfg, out, job["data"], resume=resume, overwrite=overwrite, progress=False)
+
+
+def _trial(config: dict) -> None:
+    """The Tune trainable: one cell; an exception makes Tune retry it (FailureConfig) or record it failed."""
+    import torch
+    from ray import tune
+
+    job = config["job"]
+    torch.set_num_threads(max(1, int(job["threads"])))
+    log = Path(job["log"])
+    _log(log, f"{ATTEMPT}on {platform.node()} pid {os.getpid()}, {torch.get_num_threads()} threads, "
+              f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}")
+    try:
+        summary = train_cell(job)
+    except BaseException as exc:
+        _log(log, "traceback:\n" + traceback.format_exc().rstrip())
+        _log(log, f"{ERROR}{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        raise
+    post = summary["paper_post"]
+    _log(log, "complete")
+    tune.report({"dice": summary["metrics"][post]["dice"], "post": post})
+
+
+def _trial_name(trial) -> str:
+    return trial.config["job"]["id"]
+
+
+# -- the driver ------------------------------------------------------------------------------------
+
+def _check_resources(gpus_per_trial: float, cpus_per_trial: int) -> None:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    max_gpu = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
+    max_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
+    if gpus_per_trial > 0 and max_gpu == 0:
+        raise UserError(f"--gpus-per-trial {gpus_per_trial:g} asks for GPUs, but the Ray cluster has none "
+                        "(trials would wait forever); pass --gpus-per-trial 0 to train on CPU")
+    if gpus_per_trial > max_gpu:
+        raise UserError(f"--gpus-per-trial {gpus_per_trial:g} is more than any Ray node has ({max_gpu:g})")
+    if cpus_per_trial > max_cpu:
+        raise UserError(f"--cpus-per-trial {cpus_per_trial} is more than any Ray node has ({max_cpu:g})")
+
+
+def _start_ray(address: str | None) -> bool:
+    """Join ``address`` or start a local Ray; reuse a session this process already has. True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False)
+    except ConnectionError as exc:
+        raise UserError(f"cannot join the Ray cluster at {address!r} ({exc})") from None
+    return True
+
+
+def _attempts(log: Path) -> tuple[int, str | None]:
+    """Attempts of this sweep invocation and the last error line, from the cell's log."""
+    if not log.is_file():
+        return 0, None
+    lines = log.read_text().splitlines()
+    starts = [i for i, ln in enumerate(lines) if ln.partition(" ")[2].startswith(SWEEP_START)]
+    lines = lines[starts[-1] + 1:] if starts else lines
+    texts = [text for stamp, _, text in (ln.partition(" ") for ln in lines) if _is_stamp(stamp)]
+    attempts = sum(1 for t in texts if t.startswith(ATTEMPT))
+    errors = [t[len(ERROR):] for t in texts if t.startswith(ERROR)]
+    return attempts, (errors[-1] if errors else None)
+
+
+def _is_stamp(token: str) -> bool:
+    try:
+        _dt.datetime.fromisoformat(token)
+    except ValueError:
+        return False
+    return True
+
+
+def run_sweep(experiment, data_dir=None, runs_dir="runs", gpus_per_trial: float = 0.0, cpus_per_trial: int = 1,
+              max_concurrent: int | None = None, address: str | None = None, resume: bool = False,
+              max_failures: int = 2, dry_run: bool = False, echo=click.echo) -> dict:
+    """Run every missing cell of ``experiment``; returns the status written to status.json."""
+    from .data import LAData
+
+    if not 0 <= gpus_per_trial <= 1:
+        raise UserError(f"--gpus-per-trial must be between 0 and 1 (a trial trains on one device), got {gpus_per_trial:g}")
+    if cpus_per_trial < 1:
+        raise UserError(f"--cpus-per-trial must be at least 1, got {cpus_per_trial}")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise UserError(f"--max-concurrent must be at least 1, got {max_concurrent}")
+    if max_failures < 0:
+        raise UserError(f"--max-failures must be 0 or more, got {max_failures}")
+    exp = load_experiment(experiment)
+    data_root = str(Path(LAData(data_dir).root).resolve())
+    runs_dir = Path(runs_dir).resolve()
+    cells = exp.plan()
+    todo, complete = classify(cells, runs_dir, gpus_per_trial, resume)
+    n_implicit = sum(c.implicit for c in cells)
+    echo(f"sweep {exp.name}: {len(cells)} cells ({n_implicit} stage-1 providers added), "
+         f"{len(complete)} complete, {len(todo)} to run; runs in {runs_dir}")
+    state_dir = sweep_dir(runs_dir, exp.name)
+    status = {c.id: {"state": "skipped", "attempts": 0, "error": None, "implicit": c.implicit, "teacher": c.teacher,
+                     "run_dir": str(c.run_dir(runs_dir))} for c in cells}
+    for c in todo:
+        status[c.id].update(state="pending")
+    if dry_run:
+        for c in cells:
+            echo(f"  {status[c.id]['state']:8s} {c.id}" + (f"  (stage 1 from {c.teacher})" if c.teacher else ""))
+        return status
+    if todo:
+        started = _start_ray(address)
+        try:
+            _check_resources(gpus_per_trial, cpus_per_trial)
+            _run_waves(exp.name, todo, cells, status, runs_dir, state_dir, data_root, gpus_per_trial,
+                       cpus_per_trial, max_concurrent, max_failures, echo)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+    atomic_write_json(state_dir / "status.json", {"experiment": exp.name, "file": str(exp.path),
+                                                   "data": data_root, "cells": status})
+    failed = [cid for cid, s in status.items() if s["state"] == "failed"]
+    for cid, s in status.items():
+        echo(f"  {s['state']:8s} {cid}" + (f"  ({s['error']})" if s["error"] else ""))
+    if failed:
+        first = status[failed[0]]
+        raise UserError(f"{len(failed)} of {len(cells)} cells failed, e.g. {failed[0]}: {first['error']} "
+                        f"(logs in {state_dir / 'logs'})")
+    echo(f"sweep {exp.name}: all {len(cells)} cells complete")
+    return status
+
+
+def _run_waves(name, todo, cells, status, runs_dir, state_dir, data_root, gpus, cpus, max_concurrent,
+               max_failures, echo) -> None:
+    from ray import tune
+
+    depth = wave_index(cells)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for wave in sorted({depth[c.id] for c in todo}):
+        jobs = []
+        for cell in (c for c in todo if depth[c.id] == wave):
+            log = state_dir / "logs" / f"{cell.id}.log"
+            _log(log, f"{SWEEP_START}{name} {stamp}")
+            if cell.teacher and not (Path(runs_dir) / cell.teacher / "summary.json").is_file():
+                status[cell.id].update(state="failed", error=f"stage-1 provider {cell.teacher} did not complete")
+                continue
+            jobs.append({"id": cell.id, "config": cell_config(cell, runs_dir, gpus), "out": str(cell.run_dir(runs_dir)),
+                         "data": data_root, "threads": cpus, "log": str(log)})
+        if not jobs:
+            continue
+        echo(f"wave {wave}: {len(jobs)} trial(s) on Ray ({cpus} CPU, {gpus:g} GPU each)")
+        t0 = time.perf_counter()
+        tuner = tune.Tuner(
+            tune.with_resources(_trial, {"cpu": cpus, "gpu": gpus}),
+            param_space={"job": tune.grid_search(jobs)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, trial_name_creator=_trial_name,
+                                        trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(name=f"{name}-{stamp}-wave{wave}", storage_path=str(state_dir / "ray"),
+                                      failure_config=tune.FailureConfig(max_failures=max_failures), verbose=0),
+        )
+        results = tuner.fit()
+        errors = {r.config["job"]["id"]: r.error for r in results if r.config}
+        for job in jobs:
+            attempts, error = _attempts(Path(job["log"]))
+            done = (Path(job["out"]) / "summary.json").is_file()
+            if not done and error is None:
+                err = errors.get(job["id"])
+                error = f"{type(err).__name__}: {err}".splitlines()[0] if err else "did not finish"
+            status[job["id"]].update(state="complete" if done else "failed", attempts=attempts,
+                                     error=None if done else error)
+        echo(f"wave {wave} done in {time.perf_counter() - t0:.0f} s")
+
+
+@click.command("sweep")
+@click.argument("experiment")
+@click.option("--data", "data_dir", default=None, help="LA data root (the folder with train.list); default: $SSL_BENCH_DATA")
+@click.option("--gpus-per-trial", type=float, default=0.0, show_default=True,
+              help="GPUs per trial; a fraction (e.g. 0.5) shares one GPU between trials; 0 trains on CPU")
+@click.option("--cpus-per-trial", type=int, default=1, show_default=True, help="CPUs per trial (= torch threads)")
+@click.option("--max-concurrent", type=int, default=None, help="at most this many trials at once (default: as resources allow)")
+@click.option("--address", default=None, help="join an existing Ray cluster (e.g. auto) instead of starting one")
+@click.option("--resume", is_flag=True, help="continue incomplete run folders (e.g. after the driver was killed)")
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+              help="where the run folders live (one per cell ID; shared between experiments)")
+@click.option("--max-failures", type=int, default=2, show_default=True, help="retries of a crashing trial")
+@click.option("--dry-run", is_flag=True, help="print the plan (cells, states, stage-1 providers) and stop")
+def sweep_command(experiment, data_dir, gpus_per_trial, cpus_per_trial, max_concurrent, address, resume, runs_dir,
+                  max_failures, dry_run):
+    """Train every cell of EXPERIMENT (a name in experiments/ or a .toml path) as Ray Tune trials."""
+    run_sweep(experiment, data_dir, runs_dir, gpus_per_trial, cpus_per_trial, max_concurrent, address, resume,
+              max_failures, dry_run)
