@@ -42,7 +42,8 @@ def mix_loss(logits: torch.Tensor, target_out: torch.Tensor, target_in: torch.Te
     outside = m.float()
     inside = 1.0 - outside
     dice = w_out * dice_mc(logits, target_out, outside) + w_in * dice_mc(logits, target_in, inside)
-    ce = w_out * masked_cross_entropy(logits, target_out, outside) + w_in * masked_cross_entropy(logits, target_in, inside)
+    ce = (w_out * masked_cross_entropy(logits, target_out, outside)
+          + w_in * masked_cross_entropy(logits, target_in, inside))
     return (dice + ce) / 2
 
 

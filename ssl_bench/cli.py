@@ -152,6 +152,10 @@ def bench(method, data_dir, device, profile, iterations, eval_cases, out):
 
 from .occlusion import occlusion_command  # noqa: E402
 cli.add_command(occlusion_command)
+from .sweep import sweep_command  # noqa: E402
+from .report import report_command  # noqa: E402
+cli.add_command(sweep_command)
+cli.add_command(report_command)
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ block may override the file's defaults. Example (the keys are all the format has
     labeled = [8, 16]
     protocols = ["honest"]        # optional per-block override of seeds/protocols/profile/run
     [occlusion]                   # only for occlusion sweeps (paper Fig. 3, §3.7.8)
-    variant = "B"
+    variant = "volume"            # ssl-bench occlusion --variant: volume (B, primary) or code (A)
     ratios = [0, 0.05, 0.1]
     repeats = 5
 
@@ -44,7 +44,8 @@ EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
 LA_TRAIN_CASES = 80  # train.list of the LA release (§1.2); a labeled count must lie in 1..80
 PROTOCOLS = ("honest", "literature")
 PAPER_TABLES = ("table1", "table2")
-OCCLUSION_VARIANTS = ("A", "B", "B'")  # §3.7.8: code-faithful, volume proportion, atrium-centred
+#: `ssl-bench occlusion --variant` names (§3.7.8): "volume" = variant B (primary), "code" = variant A
+OCCLUSION_VARIANTS = ("volume", "code")
 
 #: multi-stage method -> the one-stage method whose (only) stage is its stage 1 (§3.7.2, Table 2)
 STAGE1_PROVIDERS = {"omf": "omf-s1-orgloss", "omf-s1-s2": "omf-s1"}

@@ -139,7 +139,7 @@ def code_box(shape, ratio: float, patch, rng: np.random.Generator) -> tuple[Box 
 
     Returns (None, reason) when a side reaches the training patch: the reference's draw fails there.
     """
-    side = [int(d * ratio) for d in shape]
+    side = [int(d * ratio) for d in shape]  # the reference's int(dim * r) in floating point
     for axis, s, p in zip("xyz", side, patch):
         if s >= p:
             return None, f"side {axis} {s} >= training patch {p}"
@@ -515,7 +515,7 @@ def _report(manifest, table, out: Path, echo) -> None:
 
 
 @click.command("occlusion")
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--ratios", default=None,
               help="a..b (every --step) or a comma list, each in [0,1); 0 is always added "
                    f"[default: volume {DEFAULT_RATIOS['volume']}; code {DEFAULT_RATIOS['code']}]")

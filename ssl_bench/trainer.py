@@ -338,7 +338,7 @@ class Trainer:
                     if best["dice"] is None or dice > best["dice"]:
                         best = {"dice": dice, "iteration": done}
                         self._save_weights(stage, nets, self.out / "checkpoints" / f"{key}_best.pt", done, "best-on-test")
-                if done % self.cfg.log_every == 0 or done == iters or done == start + 1:
+                if done % self.cfg.log_every == 0 or done in (iters, start + 1) or "test_dice_raw" in logs:
                     now = time.perf_counter()
                     rate = (done - it_last) / (now - t_last) if now > t_last else 0.0
                     t_last, it_last = now, done
@@ -360,6 +360,8 @@ class Trainer:
         timings[key] = {"train_s": round(elapsed, 3), "iterations": iters, "it_per_s": round(iters / elapsed, 4)}
         if selection and best["iteration"] is not None:
             handed = torch.load(self.out / "checkpoints" / f"{key}_best.pt", map_location="cpu", weights_only=False)
+            # the last weights are kept beside the test-selected ones, so both can be reported
+            self._save_weights(stage, nets, self.out / "stages" / f"{key}_last.pt", iters, "last")
         else:
             handed = {"weights": self._weights(stage, nets), "iteration": iters, "selection": "last"}
         handed.update({"stage": k + 1, "stage_class": type(stage).__name__, "best_on_test": best,
@@ -390,10 +392,12 @@ class Trainer:
         return mean_dice(rows)
 
     # -- evaluation -----------------------------------------------------------------------
-    def final_network(self):
+    def final_network(self, which: str = "selected"):
+        """The last stage's evaluated network: the protocol's selection, or (``which="last"``) its last weights."""
         k = len(self.stages) - 1
         stage = self.stages[k]
-        handed = torch.load(self.out / "stages" / f"stage{k + 1}.pt", map_location="cpu", weights_only=False)
+        name = f"stage{k + 1}.pt" if which == "selected" else f"stage{k + 1}_last.pt"
+        handed = torch.load(self.out / "stages" / name, map_location="cpu", weights_only=False)
         torch.manual_seed(self.cfg.seed)
         net = stage.networks()[stage.trained]
         net.load_state_dict(handed["weights"])
@@ -402,11 +406,16 @@ class Trainer:
             net.to(memory_format=torch.channels_last_3d)
         return stage, net, handed
 
-    def evaluate(self, timings: dict | None = None) -> dict:
-        stage, net, handed = self.final_network()
+    def _evaluate_one(self, which: str, csv_name: str):
+        stage, net, handed = self.final_network(which)
         rows, eval_t = evaluate_cases(stage.foreground_probability, net, self.data, self.test_ids,
                                       self.eval_settings, self.device, progress=self.progress)
-        write_metrics_csv(self.out / "metrics_per_case.csv", rows)
+        write_metrics_csv(self.out / csv_name, rows)
+        checkpoint = {"stage": len(self.stages), "iteration": handed["iteration"], "selection": handed["selection"]}
+        return stage, handed, rows, eval_t, checkpoint
+
+    def evaluate(self, timings: dict | None = None) -> dict:
+        stage, handed, rows, eval_t, checkpoint = self._evaluate_one("selected", "metrics_per_case.csv")
         if timings is None:
             old = self.out / "summary.json"
             timings = read_json(old).get("timings", {}) if old.is_file() else {}
@@ -415,7 +424,7 @@ class Trainer:
         summary = {
             "method": self.spec.name, "labeled": self.cfg.labeled, "seed": self.cfg.seed,
             "protocol": self.cfg.protocol, "profile": self.cfg.profile,
-            "checkpoint": {"stage": handed["stage"], "iteration": handed["iteration"], "selection": handed["selection"]},
+            "checkpoint": checkpoint,
             "best_on_test": handed.get("best_on_test"),
             "paper_post": "lcc" if stage.paper_lcc else "raw",
             "empty_policy": self.cfg.empty_policy,
@@ -425,6 +434,9 @@ class Trainer:
             "device": str(self.device),
             "gpu": torch.cuda.get_device_name(0) if self.device.type == "cuda" else None,
         }
+        if (self.out / "stages" / f"stage{len(self.stages)}_last.pt").is_file():
+            _, _, rows_last, _, ck_last = self._evaluate_one("last", "metrics_per_case_last.csv")
+            summary["last"] = {"checkpoint": ck_last, "metrics": summarize(rows_last)}
         atomic_write_json(self.out / "summary.json", summary)
         return summary
 

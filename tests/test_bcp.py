@@ -115,7 +115,7 @@ def test_stage1_mixes_labeled_pairs_with_the_cuboid():
     y_expect = y[0:2] * m + y[2:4] * (1 - m)
     assert len(student.inputs) == 1 and torch.equal(student.inputs[0], x_expect)
     z = student_fn(x_expect)
-    assert float(loss) == pytest.approx(float((F.cross_entropy(z, y_expect) + dice_mc(z, y_expect)) / 2), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float((F.cross_entropy(z, y_expect) + dice_mc(z, y_expect)) / 2), rel=1e-6)
 
 
 def test_stage2_bidirectional_copy_paste_wiring():
@@ -140,9 +140,9 @@ def test_stage2_bidirectional_copy_paste_wiring():
     assert torch.equal(student.inputs[0], x_in) and torch.equal(student.inputs[1], x_out)
     loss_in = mix_loss(student_fn(x_in), y[0:2], plab_a, m, 1.0, 0.5)
     loss_out = mix_loss(student_fn(x_out), plab_b, y[2:4], m, 0.5, 1.0)
-    assert float(logs["loss_l"]) == pytest.approx(float(loss_in), rel=1e-6)
-    assert float(logs["loss_u"]) == pytest.approx(float(loss_out), rel=1e-6)
-    assert float(loss) == pytest.approx(float(loss_in + loss_out), rel=1e-6)
+    assert float(logs["loss_l"].detach()) == pytest.approx(float(loss_in), rel=1e-6)
+    assert float(logs["loss_u"].detach()) == pytest.approx(float(loss_out), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(loss_in + loss_out), rel=1e-6)
 
 
 def test_stage2_teacher_init_and_fixed_ema():

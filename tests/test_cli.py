@@ -257,3 +257,34 @@ def test_resume_refuses_changed_settings(demo_root, tmp_path, capsys):
     rc = run_cli("run", "--method", "vnet", "--profile", "smoke", "--labeled", 5, "--iterations", 4, "--eval-cases", 1,
                  "--data", demo_root, "--out", tmp_path / "r", "--resume", "--quiet")
     assert rc == 2 and "setting 'labeled' was 4, now 5" in capsys.readouterr().err
+
+
+def test_bench_reports_both_paths(demo_root, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = run_cli("bench", "--method", "vnet", "--profile", "smoke", "--data", demo_root, "--device", "cpu",
+                 "--iterations", 1, "--eval-cases", 1, "--out", out)
+    text = capsys.readouterr().out
+    assert rc == 0 and "reference-style" in text and "ratio" in text
+    result = json.loads(out.read_text())
+    stage = result["stages"][0]
+    assert stage["fast_it_per_s"] > 0 and stage["reference_it_per_s"] > 0
+    assert stage["speedup"] == pytest.approx(stage["fast_it_per_s"] / stage["reference_it_per_s"])
+    assert set(result["eval_s_per_case"]) == {"fast", "reference"} and "git" in result["provenance"]
+
+
+def test_literature_protocol_selects_best_on_test_and_keeps_the_last(demo_root, tmp_path, monkeypatch):
+    from methods.vnet import VNetBaseline
+    from ssl_bench.trainer import build_config, run_training
+
+    monkeypatch.setattr(VNetBaseline, "literature_selection", (2, 2))
+    cfg = build_config("vnet", "smoke", labeled=4, iterations=6, eval_cases=1, protocol="literature", selection_every=2)
+    summary = run_training(cfg, tmp_path / "lit", demo_root, progress=False)
+    log = [json.loads(x) for x in (tmp_path / "lit/log.jsonl").read_text().splitlines()]
+    dices = {r["iteration"]: r["test_dice_raw"] for r in log if "test_dice_raw" in r}
+    assert sorted(dices) == [2, 4, 6]
+    best_it = max(dices, key=lambda i: (dices[i], -i))
+    assert summary["checkpoint"] == {"stage": 1, "iteration": best_it, "selection": "best-on-test"}
+    assert summary["best_on_test"]["dice"] == pytest.approx(dices[best_it])
+    assert summary["last"]["checkpoint"]["iteration"] == 6 and (tmp_path / "lit/metrics_per_case_last.csv").is_file()
+    raw = [float(r["dice"]) for r in csv.DictReader((tmp_path / "lit/metrics_per_case.csv").open()) if r["post"] == "raw"]
+    assert raw[0] == pytest.approx(dices[best_it])  # the selected weights reproduce the selection Dice

@@ -1,0 +1,293 @@
+"""Occlusion robustness (METHODS.md §3.7.8, Decisions 5): boxes, seeding, ratio 0 = clean, outputs, bad input."""
+import csv
+import hashlib
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+import ssl_bench.evaluate as evaluate_mod
+from ssl_bench.cli import main
+from ssl_bench.data import LAData
+from ssl_bench.errors import UserError
+from ssl_bench.occlusion import (Box, apply_box, box_from_row, code_box, make_box, parse_ratios, volume_box,
+                                 box_rng)
+from ssl_bench.occlusion_plots import plot_fig3
+
+SIDE_03 = 0.3 ** (1 / 3)  # variant B side factor at p = 0.3
+
+
+def run_cli(*args):
+    return main([str(a) for a in args])
+
+
+def rows_of(path):
+    return list(csv.DictReader(open(path)))
+
+
+def digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+# ------------------------------------------------------------------ pure functions (no data)
+
+@pytest.mark.parametrize("text, step, expected", [
+    ("0.1..0.5", 0.1, [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]),
+    ("0.1..0.5", 0.2, [0.0, 0.1, 0.3, 0.5]),
+    ("0.1..0.4", 0.25, [0.0, 0.1, 0.35]),
+    ("0.2..0.2", 0.1, [0.0, 0.2]),
+    ("0.3,0.05,0.3", 0.1, [0.0, 0.05, 0.3]),
+    ("0", 0.1, [0.0]),
+    (" 0..0.2 ", 0.1, [0.0, 0.1, 0.2]),
+])
+def test_parse_ratios(text, step, expected):
+    assert parse_ratios(text, step) == expected
+
+
+@pytest.mark.parametrize("text, step", [("0.5..0.1", 0.1), ("1.0", 0.1), ("-0.1", 0.1), ("0.2,1.5", 0.1),
+                                        ("abc", 0.1), ("0.1..", 0.1), ("0.1..0.5", 0.0), ("0.1..0.5", -0.1),
+                                        ("0..0.9", 1e-6), ("nan", 0.1)])
+def test_parse_ratios_rejects(text, step):
+    with pytest.raises(UserError):
+        parse_ratios(text, step)
+
+
+def test_volume_box_sides_and_bounds():
+    shape = (175, 132, 88)
+    # sides round(dim · 0.3^(1/3)): 117.08 → 117, 88.29 → 88, 58.87 → 59
+    origins = []
+    for repeat in range(200):
+        box = volume_box(shape, 0.3, box_rng(0, "volume", 0.3, repeat, "CASE"))
+        assert box.size == (117, 88, 59)
+        origins.append(box.origin)
+    origins = np.array(origins)
+    # uniform over {0..dim − s} inclusive: 0..58, 0..44, 0..29 (200 fixed draws reach both ends)
+    assert origins.min(axis=0).tolist() == [0, 0, 0]
+    assert origins.max(axis=0).tolist() == [58, 44, 29]
+    assert abs(box.fraction(shape) - 117 * 88 * 59 / (175 * 132 * 88)) < 1e-12
+
+
+def test_code_box_uses_training_patch_bounds_and_skips():
+    shape, patch = (180, 140, 88), (112, 112, 80)
+    origins = []
+    for repeat in range(200):
+        box, reason = code_box(shape, 0.5, patch, box_rng(0, "code", 0.5, repeat, "CASE"))
+        assert reason == "" and box.size == (90, 70, 44)  # ⌊dim · r⌋
+        origins.append(box.origin)
+    origins = np.array(origins)
+    # OMF patch_mask: x ∈ {0..111−90}, y ∈ {0..111−70}, z ∈ {0..79−44}
+    assert origins.min(axis=0).tolist() == [0, 0, 0]
+    assert origins.max(axis=0).tolist() == [21, 41, 35]
+    box, reason = code_box(shape, 0.75, patch, box_rng(0, "code", 0.75, 0, "CASE"))  # ⌊180·0.75⌋ = 135 ≥ 112
+    assert box is None and reason == "side x 135 >= training patch 112"
+    # the side is int(dim * r) in floating point, as in the reference: 180 * 0.7 = 125.99999999999999 → 125
+    assert code_box(shape, 0.7, patch, box_rng(0, "code", 0.7, 0, "CASE"))[1] == "side x 125 >= training patch 112"
+    box, reason = code_box((120, 100, 88), 0.95, patch, box_rng(0, "code", 0.95, 0, "CASE"))  # x 114, y 95, z 83
+    assert box is None and reason.startswith("side x 11")
+
+
+def test_boxes_depend_only_on_seed_variant_ratio_repeat_case():
+    shape, patch = (175, 132, 88), (48, 48, 32)
+    a = make_box("volume", shape, 0.3, 1, "CASE_A", 7, patch)
+    assert make_box("volume", shape, 0.3, 1, "CASE_A", 7, (112, 112, 80)) == a  # the patch plays no part in B
+    assert make_box("volume", shape, 0.3, 1, "CASE_A", 7, patch) == a
+    others = [make_box("volume", shape, 0.3, 2, "CASE_A", 7, patch), make_box("volume", shape, 0.3, 1, "CASE_B", 7, patch),
+              make_box("volume", shape, 0.3, 1, "CASE_A", 8, patch)]
+    assert all(o[0].origin != a[0].origin for o in others)
+    assert make_box("volume", shape, 0.0, 3, "CASE_A", 7, patch) == (None, "")  # ratio 0: no box, no draw
+    assert make_box("code", shape, 0.0, 3, "CASE_A", 7, patch) == (None, "")
+
+
+def test_apply_box_fills_zero_and_copies():
+    image = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6) + 1
+    out = apply_box(image, Box((1, 2, 3), (2, 2, 2)))
+    assert (image > 0).all()  # the (cached) input is untouched
+    assert np.count_nonzero(out == 0) == 8 and (out[1:3, 2:4, 3:5] == 0).all()
+    assert apply_box(image, None) is image
+
+
+@pytest.mark.parametrize("ratios, extra, fragment", [
+    ("0.5..0.1", [], "reversed"), ("1.0", [], "[0, 1)"), ("-0.2", [], "[0, 1)"), ("0.1..0.5", ["--step", "0"], "--step"),
+    ("0.1..0.5", ["--step", "-0.1"], "--step"), ("x", [], "not a number"),
+])
+def test_bad_ratio_input_is_one_line_exit_2(tmp_path, capsys, ratios, extra, fragment):
+    rc = run_cli("occlusion", "--ratios", ratios, *extra, tmp_path / "nothing", "--out", tmp_path / "o")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("ssl-bench: error:") and fragment in err
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ end to end on real data (smoke runs)
+
+@pytest.fixture(scope="module")
+def runs(la_root, tmp_path_factory):
+    """Two tiny V-Net runs (seeds 1 and 2) standing for two methods; 2 test cases each."""
+    base = tmp_path_factory.mktemp("occ_runs")
+    out = []
+    for seed in (1, 2):
+        d = base / f"vnet-s{seed}"
+        assert run_cli("run", "--method", "vnet", "--profile", "smoke", "--iterations", 2, "--seed", seed,
+                       "--data", la_root, "--out", d, "--quiet") == 0
+        out.append(d)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sweep(runs, la_root, tmp_path_factory):
+    """One volume-variant sweep of both runs; a spy records a hash of every image the evaluator receives."""
+    out = tmp_path_factory.mktemp("occ_sweep") / "o"
+    seen = []
+    real = evaluate_mod.evaluate_cases
+
+    def spy(prob_fn, net, data, case_ids, settings, device, image_fn=None, **kw):
+        def watched(case_id, image):
+            img = image_fn(case_id, image)
+            seen.append(((image_fn.ratio, image_fn.repeat, case_id), digest(img)))
+            return img
+        return real(prob_fn, net, data, case_ids, settings, device, image_fn=watched, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate_mod, "evaluate_cases", spy)
+        assert run_cli("occlusion", *runs, "--ratios", "0.3", "--repeats", 2, "--seed", 5, "--data", la_root,
+                       "--out", out, "--device", "cpu", "--quiet") == 0
+    return out, seen
+
+
+def test_outputs_written(sweep, runs):
+    out, _ = sweep
+    for name in ("occlusion_per_case.csv", "occlusion_summary.csv", "occlusion.json", "boxes.csv", "fig3_data.csv",
+                 "panel.npz"):
+        assert (out / name).is_file(), name
+    assert (out / "fig3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "panel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "fig3.pdf").read_bytes()[:5] == b"%PDF-"
+    rows = rows_of(out / "occlusion_per_case.csv")
+    # 2 runs × (ratio 0 once + ratio 0.3 × 2 repeats) × 2 cases × 2 posts
+    assert len(rows) == 2 * 3 * 2 * 2
+    assert {(r["ratio"], r["repeat"]) for r in rows} == {("0.0", "0"), ("0.3", "0"), ("0.3", "1")}
+    assert {r["post"] for r in rows} == {"raw", "lcc"}
+    assert {r["paper_post"] for r in rows if r["post"] == "raw"} == {"True"}  # UA-MT's tester: no LCC
+    manifest = json.loads((out / "occlusion.json").read_text())
+    assert manifest["variant"] == "volume" and manifest["ratios"] == [0.0, 0.3] and manifest["skipped"] == []
+    assert [r["seed"] for r in manifest["runs"]] == [1, 2]
+    assert all(r["ratio0_vs_clean"]["identical"] for r in manifest["runs"])
+
+
+def test_ratio_zero_equals_clean_evaluation_exactly(sweep, runs):
+    out, _ = sweep
+    rows = rows_of(out / "occlusion_per_case.csv")
+    for run in runs:
+        clean = rows_of(run / "metrics_per_case.csv")
+        mine = [r for r in rows if r["run"] == run.name and r["ratio"] == "0.0"]
+        assert len(mine) == len(clean) == 4
+        for c in clean:
+            [m] = [r for r in mine if r["case"] == c["case"] and r["post"] == c["post"]]
+            for key in ("dice", "jaccard", "hd95", "asd", "empty"):
+                assert m[key] == c[key], (run.name, c["case"], c["post"], key)
+
+
+def test_identical_masks_across_methods_and_stored_boxes_reproduce_them(sweep, la_root):
+    out, seen = sweep
+    by_key = {}
+    for key, h in seen:
+        by_key.setdefault(key, []).append(h)
+    assert len(by_key) == 2 * 3 and all(len(v) == 2 for v in by_key.values())  # every image seen by both runs
+    assert all(v[0] == v[1] for v in by_key.values())  # ... identical for both
+    data = LAData(la_root)
+    boxes = rows_of(out / "boxes.csv")
+    assert len(boxes) == len(by_key)
+    for row in boxes:
+        image, _ = data.load(row["case"])
+        dims = image.shape
+        assert (int(row["dim_x"]), int(row["dim_y"]), int(row["dim_z"])) == dims
+        box = box_from_row(row)
+        key = (float(row["ratio"]), int(row["repeat"]), row["case"])
+        assert digest(apply_box(image, box)) == by_key[key][0]  # the stored box rebuilds the occluded image
+        if key[0] == 0:
+            assert box is None and by_key[key][0] == digest(image)
+        else:
+            sides = tuple(math.floor(d * SIDE_03 + 0.5) for d in dims)
+            assert box.size == sides
+            assert all(0 <= o <= d - s for o, d, s in zip(box.origin, dims, sides))
+            assert by_key[key][0] != digest(image)
+            assert row["occluded_fraction"] == repr(np.prod(sides) / np.prod(dims))
+
+
+def test_summary_is_mean_and_std_over_repeats_of_case_means(sweep, runs):
+    out, _ = sweep
+    rows = rows_of(out / "occlusion_per_case.csv")
+    summary = rows_of(out / "occlusion_summary.csv")
+    for run in runs:
+        for post in ("raw", "lcc"):
+            per_repeat = [np.mean([float(r["dice"]) for r in rows if r["run"] == run.name and r["post"] == post
+                                   and r["ratio"] == "0.3" and r["repeat"] == rep]) for rep in ("0", "1")]
+            [s] = [s for s in summary if s["run"] == run.name and s["post"] == post and s["ratio"] == "0.3"]
+            assert float(s["dice_mean"]) == pytest.approx((per_repeat[0] + per_repeat[1]) / 2, abs=1e-12)
+            assert float(s["dice_std"]) == pytest.approx(abs(per_repeat[0] - per_repeat[1]) / 2, abs=1e-12)
+            assert s["n_repeats"] == "2" and s["n_cases"] == "2"
+            [z] = [s for s in summary if s["run"] == run.name and s["post"] == post and s["ratio"] == "0.0"]
+            assert z["n_repeats"] == "1" and float(z["dice_std"]) == 0.0
+
+
+def test_fig3_is_rebuilt_from_the_csv_alone(sweep, tmp_path):
+    out, _ = sweep
+    csv_path = tmp_path / "copy.csv"
+    shutil.copy(out / "occlusion_per_case.csv", csv_path)
+    table = plot_fig3(csv_path, tmp_path / "fig")
+    assert (tmp_path / "fig.png").stat().st_size > 0 and (tmp_path / "fig.pdf").stat().st_size > 0
+    rows = [r for r in rows_of(csv_path) if r["paper_post"] == "True" and r["ratio"] == "0.3"]
+    # both runs are vnet: one line; samples = 2 runs × 2 repeats of the 2-case mean Dice
+    samples = [np.mean([float(r["dice"]) for r in rows if r["run"] == run and r["repeat"] == rep])
+               for run in sorted({r["run"] for r in rows}) for rep in ("0", "1")]
+    [line] = table[table["ratio"] == 0.3].to_dict("records")
+    assert line["label"] == "vnet" and line["n_samples"] == 4 and line["n_runs"] == 2
+    assert line["dice_mean"] == pytest.approx(np.mean(samples), abs=1e-12)
+    assert line["dice_std"] == pytest.approx(np.std(samples), abs=1e-12)
+
+
+def test_second_invocation_on_one_method_sees_the_same_occlusions(sweep, runs, la_root, tmp_path):
+    out, _ = sweep
+    again = tmp_path / "again"
+    assert run_cli("occlusion", runs[1], "--ratios", "0.3", "--repeats", 2, "--seed", 5, "--data", la_root,
+                   "--out", again, "--device", "cpu", "--quiet") == 0
+    assert (again / "boxes.csv").read_text() == (out / "boxes.csv").read_text()
+    first = [r for r in rows_of(out / "occlusion_per_case.csv") if r["run"] == runs[1].name]
+    assert rows_of(again / "occlusion_per_case.csv") == first
+    # an existing, non-empty output folder is never overwritten silently
+    assert run_cli("occlusion", runs[1], "--ratios", "0.3", "--out", again, "--quiet") == 2
+    assert (again / "boxes.csv").read_text() == (out / "boxes.csv").read_text()
+
+
+def test_code_variant_reports_skips(runs, la_root, tmp_path, capsys):
+    out = tmp_path / "code"
+    assert run_cli("occlusion", runs[0], "--variant", "code", "--ratios", "0.1,0.5", "--repeats", 1,
+                   "--data", la_root, "--out", out, "--device", "cpu", "--quiet") == 0
+    stdout = capsys.readouterr().out
+    # smoke patch 48×48×32: at r = 0.5 every side ⌊dim/2⌋ ≥ the patch (z: 44 ≥ 32), so both cases are skipped
+    assert "skipped" in stdout and "ratio 0.5: 2/2 case(s)" in stdout
+    manifest = json.loads((out / "occlusion.json").read_text())
+    assert {s["ratio"] for s in manifest["skipped"]} == {0.5} and len(manifest["skipped"]) == 2
+    boxes = rows_of(out / "boxes.csv")
+    assert [b["skipped"] for b in boxes if b["ratio"] == "0.5"] == ["True", "True"]
+    for b in (b for b in boxes if b["ratio"] == "0.1"):
+        dims = [int(b[k]) for k in ("dim_x", "dim_y", "dim_z")]
+        sides = [int(b[k]) for k in ("sx", "sy", "sz")]
+        assert sides == [int(d * 0.1) for d in dims]
+        assert all(0 <= int(b[o]) <= p - 1 - s for o, p, s in zip(("x0", "y0", "z0"), (48, 48, 32), sides))
+    rows = rows_of(out / "occlusion_per_case.csv")
+    assert {r["ratio"] for r in rows} == {"0.0", "0.1"}
+    assert "0.5" not in {r["ratio"] for r in rows_of(out / "occlusion_summary.csv")}
+
+
+def test_runs_on_different_test_sets_are_rejected(runs, la_root, tmp_path, capsys):
+    other = tmp_path / "fewer"
+    shutil.copytree(runs[1], other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["config"]["eval_cases"] = 1
+    (other / "config.json").write_text(json.dumps(cfg))
+    rc = run_cli("occlusion", runs[0], other, "--ratios", "0.3", "--data", la_root, "--out", tmp_path / "o", "--quiet")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "different test sets" in err
+    assert not (tmp_path / "o").exists()

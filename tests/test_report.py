@@ -1,0 +1,184 @@
+"""`ssl-bench report` on hand-made run folders with known numbers (tests/fixtures/report).
+
+Fixture runs (4 test cases each; per-case Dice in metrics_per_case.csv, means in summary.json):
+  vnet  s1, s2 honest  raw Dice .75/.77, Jaccard .62/.64, 95HD 12/14, ASD 3.0/3.5; own post raw; 11 + 10 GPU min
+  uamt  s1 honest      raw Dice .85 (s2 missing); LCC has one empty case; CPU, 13 min
+  omf   s1, s2 honest  LCC Dice .875/.885, Jaccard .78/.79, 95HD 6/5, ASD 1.6/1.8; own post LCC; 41 + 41 GPU min
+  omf   s1 literature  LCC Dice .90 (s2 missing)
+  dtc   nothing (missing)
+"""
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ssl_bench.cli import main
+from ssl_bench.experiments import Cell
+from ssl_bench.report import collect, reproduction_markdown, run_minutes, write_report
+from ssl_bench.experiments import load_experiment, PLANNED_METHODS
+
+FIX = Path(__file__).parent / "fixtures" / "report"
+RUNS = FIX / "runs"
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def md_section_rows(md: str, heading: str, first_col_header: str = "Method") -> list[list[str]]:
+    """Body rows of the first Markdown table after ``heading``."""
+    lines = md[md.index(heading):].splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_col_header} |"))
+    rows = []
+    for ln in lines[start + 2:]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip().strip("|").split(" | ")])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def fixture_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "out"
+    rc = main(["report", str(FIX / "experiment.toml"), "--runs-dir", str(RUNS), "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_main_table_cells(fixture_report):
+    md = (fixture_report / "table.md").read_text()
+    honest = md_section_rows(md, "## Protocol: honest")
+    assert honest == [
+        ["V-Net", "8", "0", "honest", "no", "2", "76.00 ± 1.41", "63.00 ± 1.41", "13.00 ± 1.41", "3.25 ± 0.35",
+         "82.74 / 71.72 / 13.35 / 3.26", "-6.74 / -8.72 / -0.35 / -0.01", "–", "0/8", f"21.0 ({H100})"],
+        ["UA-MT", "8", "72", "honest", "no", "1/2", "85.00", "75.00", "9.00", "2.25",
+         "87.79 / 78.39 / 8.68 / 2.12", "-2.79 / -3.39 / +0.32 / +0.13", "–", "0/4", "13.0 (cpu)"],
+        ["OMF", "8", "72", "honest", "yes", "2", "88.00 ± 0.71", "78.50 ± 0.71", "5.50 ± 0.71", "1.70 ± 0.14",
+         "90.23 / 82.34 / 5.95 / 1.63", "-2.23 / -3.84 / -0.45 / +0.07", "90.23 / 82.34 / 5.95 / 1.63", "0/8",
+         f"82.0 ({H100})"],
+        ["DTC", "8", "72", "honest", "–", "0/2 (missing)", "missing", "–", "–", "–",
+         "87.51 / 78.17 / 8.23 / 2.36", "–", "86.57 / 76.55 / 14.47 / 3.74", "–", "–"],
+    ]
+    lit = md_section_rows(md, "## Protocol: literature")
+    # V-Net, UA-MT and DTC evaluate the last checkpoint in their references: their honest runs, labelled
+    assert [r[3] for r in lit] == ["literature (= honest)", "literature (= honest)", "literature", "literature (= honest)"]
+    assert lit[0][6] == "76.00 ± 1.41" and lit[1][5] == "1/2"
+    assert lit[2][5:8] == ["1/2", "90.00", "82.00"] and lit[2][11] == "-0.23 / -0.34 / -0.45 / -0.23"
+    assert lit[3][6] == "missing"
+    both = md_section_rows(md, "Without and with largest-connected-component post-processing (honest)")
+    assert both[1] == ["UA-MT", "8", "85.00", "66.75", "9.00", "30.00", "0/4", "1/4"]
+    assert both[2][:4] == ["OMF", "8", "86.00 ± 0.71", "88.00 ± 0.71"]
+
+
+def test_csv_and_latex(fixture_report):
+    df = pd.read_csv(fixture_report / "table.csv")
+    vnet = df[(df.protocol == "honest") & (df.method == "vnet") & (df.post == "raw")].iloc[0]
+    assert vnet.dice_mean == pytest.approx(76.0) and vnet.dice_std == pytest.approx(math.sqrt(2))
+    assert vnet.asd_std == pytest.approx(math.sqrt(0.125)) and vnet.diff_dice == pytest.approx(76.0 - 82.74)
+    assert vnet.minutes_total == pytest.approx(21.0) and vnet.n_empty == 0 and vnet.n_cases == 8
+    assert bool(vnet.own_post) and vnet.status == "complete" and vnet.seeds == "1 2"
+    omf_lcc = df[(df.protocol == "literature") & (df.method == "omf") & (df.post == "lcc")].iloc[0]
+    assert omf_lcc.status == "partial" and omf_lcc.n_seeds == 1 and omf_lcc.n_planned == 2
+    assert math.isnan(omf_lcc.dice_std) and omf_lcc.dice_mean == pytest.approx(90.0)
+    dtc = df[(df.protocol == "honest") & (df.method == "dtc")]
+    assert list(dtc.status) == ["missing", "missing"] and dtc.dice_mean.isna().all()
+    assert dtc.own_dice.iloc[0] == pytest.approx(86.57) and dtc.paper_dice.iloc[0] == pytest.approx(87.51)
+    uamt_lit = df[(df.protocol == "literature") & (df.method == "uamt")].iloc[0]
+    assert uamt_lit.runs_protocol == "honest"
+    tex = (fixture_report / "table.tex").read_text()
+    assert r"V-Net & 8 & 0 & honest & no & 2 & 76.00 $\pm$ 1.41 & 63.00 $\pm$ 1.41" in tex
+    assert r"Dice (\%)" in tex and tex.count(r"\begin{tabular}") == 2
+
+
+def test_wilcoxon(fixture_report):
+    rows = list(csv.DictReader((fixture_report / "wilcoxon.csv").open()))
+    by = {(r["protocol"], r["method"], r["post"]): r for r in rows}
+    # OMF (LCC, seed mean .91 .86 .94 .81) vs V-Net (raw, .82 .72 .88 .62): four positive differences
+    r = by[("honest", "vnet", "own")]
+    assert (r["reference_post"], r["method_post"], r["n_cases"]) == ("lcc", "raw", "4")
+    assert float(r["statistic"]) == 0.0 and float(r["p_value"]) == pytest.approx(0.125)
+    assert float(r["median_diff"]) == pytest.approx(0.115)
+    # vs UA-MT (raw .88 .80 .96 .76): differences .03 .06 -.02 .05 -> W- = rank 1; exact two-sided p = 4/16
+    r = by[("honest", "uamt", "own")]
+    assert float(r["statistic"]) == 1.0 and float(r["p_value"]) == pytest.approx(0.25)
+    assert {(r["protocol"], r["method"]) for r in rows} == {("honest", "vnet"), ("honest", "uamt"),
+                                                            ("literature", "vnet"), ("literature", "uamt")}
+    md = (fixture_report / "table.md").read_text()
+    assert md_section_rows(md, "## Paired Wilcoxon", "Protocol")[0] == \
+        ["honest", "8", "V-Net", "4", "88.00", "76.00", "+11.50", "0.00", "0.125"]
+
+
+def test_plots_are_written(fixture_report):
+    for stem in ("dice_per_case_honest", "dice_per_case_literature"):
+        assert (fixture_report / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (fixture_report / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
+    assert not list(fixture_report.glob("ablation_*")) and not list(fixture_report.glob("fig3*"))
+    assert not list(fixture_report.glob(".*"))  # no temporary files left behind
+
+
+def test_rerun_gives_the_same_tables(fixture_report):
+    before = {n: (fixture_report / n).read_text() for n in ("table.md", "table.csv", "table.tex", "wilcoxon.csv")}
+    write_report(FIX / "experiment.toml", RUNS, fixture_report, echo=lambda *_: None)
+    assert {n: (fixture_report / n).read_text() for n in before} == before
+
+
+def test_ablation_uses_table2_and_draws_bars(tmp_path):
+    write_report(FIX / "ablation.toml", RUNS, tmp_path, echo=lambda *_: None)
+    rows = md_section_rows((tmp_path / "table.md").read_text(), "## Protocol: honest")
+    assert [r[0] for r in rows] == ["V-Net", "S1", "S1+orgloss+S2 (OMF)"]
+    assert rows[1][5:7] == ["0/2 (missing)", "missing"] and rows[1][10] == "87.09 / 77.48 / 11.47 / 2.64"
+    assert rows[1][2] == "0"  # S1 trains on labeled data only
+    for ext in ("png", "pdf"):
+        assert (tmp_path / f"ablation_honest.{ext}").stat().st_size > 0
+
+
+def test_fig3_from_occlusion_csv(tmp_path):
+    write_report(FIX / "fig3.toml", RUNS, tmp_path, occlusion=FIX / "occlusion", echo=lambda *_: None)
+    md = (tmp_path / "table.md").read_text()
+    # per repeat: case mean, averaged over seeds; then mean ± sd over repeats. Ratio 0 has one repeat.
+    assert md_section_rows(md, "## Occlusion") == [["V-Net", "8", "2", "70.00", "45.00 ± 7.07"],
+                                                   ["OMF", "8", "1", "85.00", "70.00 ± 7.07"]]
+    summary = pd.read_csv(tmp_path / "occlusion.csv")
+    assert list(summary.method) == ["vnet", "vnet", "omf", "omf"]
+    assert summary.dice_mean.tolist() == pytest.approx([0.70, 0.45, 0.85, 0.70])
+    assert summary.n_repeats.tolist() == [1, 2, 1, 2]
+    assert (tmp_path / "fig3.png").stat().st_size > 0 and (tmp_path / "fig3.pdf").stat().st_size > 0
+
+
+def test_fig3_without_occlusion_results(tmp_path):
+    write_report(FIX / "fig3.toml", RUNS, tmp_path, echo=lambda *_: None)
+    assert "No occlusion results" in (tmp_path / "table.md").read_text()
+    assert not (tmp_path / "fig3.png").exists()
+
+
+def test_reproduction_markdown(tmp_path):
+    exp = load_experiment(FIX / "experiment.toml", methods=PLANNED_METHODS)
+    text = reproduction_markdown([(exp, collect(exp, RUNS))])
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    assert "| OMF | 8 | 90.23 / 82.34 / 5.95 / 1.63 | honest | 2/2 | yes | 88.00 / 78.50 / 5.50 / 1.70 | -2.23 |" in lines
+    assert "| OMF | 8 | 90.23 / 82.34 / 5.95 / 1.63 | literature | 1/2 | yes | 90.00 / 82.00 / 5.50 / 1.40 | -0.23 |" in lines
+    assert "| DTC | 8 | 87.51 / 78.17 / 8.23 / 2.36 | honest | 0/2 | – | missing | – |" in lines
+    # a report of an experiment named table1 (re)writes REPRODUCTION.md beside its output folder
+    shutil.copy(FIX / "experiment.toml", tmp_path / "table1.toml")
+    written = write_report(tmp_path / "table1.toml", RUNS, tmp_path / "results" / "table1", echo=lambda *_: None)
+    repro = (tmp_path / "results" / "REPRODUCTION.md").read_text()
+    assert written["REPRODUCTION.md"] == tmp_path / "results" / "REPRODUCTION.md"
+    assert "| OMF | 8 | 90.23 / 82.34 / 5.95 / 1.63 | honest | 2/2 | yes |" in repro
+    assert "Table 2 (OMF, MICCAI 2024)" in repro  # the shipped table2 file, its cells missing in these runs
+
+
+def test_minutes_include_a_reused_stage1(tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "summary.json").write_text(json.dumps({"timings": {"stage1": {"train_s": 120.0}}}))
+    summary = {"timings": {"stage2": {"train_s": 60.0}, "eval": {"inference_s": 30.0, "metrics_s": 30.0}}}
+    assert run_minutes(summary, {"config": {"teacher": str(teacher)}}) == pytest.approx(4.0)
+    assert run_minutes(summary, {"config": {"teacher": None}}) == pytest.approx(2.0)
+
+
+def test_missing_runs_folder_shows_everything_missing(tmp_path):
+    exp = load_experiment(FIX / "experiment.toml", methods=PLANNED_METHODS)
+    rows = collect(exp, tmp_path / "nothing")
+    assert rows and all(not r.runs for r in rows)
+    assert Cell("vnet", 8, 1, "honest").run_dir(RUNS) == RUNS / "vnet-L8-s1-honest"
