@@ -109,11 +109,9 @@ class UAMT(Stage):
 
         The reference uses ``max_iterations`` (6000, = its run length), so H reaches ln 2 at the last
         iteration. When the run overrides the count (``--iterations``; the smoke profile's 12) the ramp
-        follows the override, read from ``ctx.iterations`` when the context carries it; otherwise the
-        stage default is the run length.
+        follows the override (``ctx.iterations``); otherwise the stage default is the run length.
         """
-        override = getattr(self.ctx, "iterations", None)
-        return int(override) if override is not None else int(self.iterations)
+        return int(self.ctx.iterations if self.ctx.iterations is not None else self.iterations)
 
     def networks(self):
         student = self.vnet(n_classes=N_CLASSES, head="A", dropout=True)
@@ -140,13 +138,14 @@ class UAMT(Stage):
         supervised = 0.5 * (ce + dice)
 
         # items 4-5: certainty-masked consistency on the unlabeled half only
-        mask = certainty_mask(uncertainty, it0, self.total_iterations())
+        threshold = uncertainty_threshold(it0, self.total_iterations())
+        mask = (uncertainty < threshold).float()       # = certainty_mask(uncertainty, it0, L)
         cons = masked_consistency(logits[n_l:], target, mask)
 
         weight = consistency_weight(it0)  # item 7
         loss = supervised + weight * cons
         return loss, {"ce": ce, "dice": dice, "loss_sup": supervised, "loss_cons": cons,
-                      "cons_weight": weight, "threshold": uncertainty_threshold(it0, self.total_iterations()),
+                      "cons_weight": weight, "threshold": threshold,
                       "mask_frac": mask.mean(), "uncertainty_mean": uncertainty.mean()}
 
     def after_step(self, nets, it0):

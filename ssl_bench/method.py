@@ -31,6 +31,7 @@ class StageContext:
     labeled: int
     patch: tuple[int, int, int]
     n_filters: int = 16
+    iterations: int | None = None  # the run's per-stage override (--iterations); None: each stage's own default
     options: dict = field(default_factory=dict)
 
 

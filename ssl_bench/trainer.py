@@ -21,7 +21,6 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .data import LAData, TrainStream
@@ -150,7 +149,7 @@ class Trainer:
         self.eval_settings = EvalSettings(patch=cfg.patch, stride_xy=cfg.eval_stride_xy, stride_z=cfg.eval_stride_z,
                                           amp=self.cuda_fast, empty_policy=cfg.empty_policy)
         self.ctx = StageContext(labeled=cfg.labeled, patch=tuple(cfg.patch), n_filters=cfg.n_filters,
-                                options=dict(cfg.options))
+                                iterations=cfg.iterations, options=dict(cfg.options))
         self.stages = [cls(self.ctx) for cls in self.spec.stages]
 
     # -- folder ---------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_dtc_smoke_run_writes_every_file(la_root, tmp_path):
     from ssl_bench.cli import main
 
     out = tmp_path / "r"
-    # the smoke profile, shortened to keep the test suite's CPU time small
+    # the smoke profile, shortened to 1 iteration and 1 test case to keep the suite's CPU time small
     rc = main(["run", "--method", "dtc", "--profile", "smoke", "--iterations", "1", "--eval-cases", "1",
                "--data", str(la_root), "--out", str(out), "--quiet"])
     assert rc == 0

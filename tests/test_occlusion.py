@@ -212,7 +212,7 @@ def test_identical_masks_across_methods_and_stored_boxes_reproduce_them(sweep, l
             assert box.size == sides
             assert all(0 <= o <= d - s for o, d, s in zip(box.origin, dims, sides))
             assert by_key[key][0] != digest(image)
-            assert row["occluded_fraction"] == repr(np.prod(sides) / np.prod(dims))
+            assert row["occluded_fraction"] == repr(float(np.prod(sides) / np.prod(dims)))
 
 
 def test_summary_is_mean_and_std_over_repeats_of_case_means(sweep, runs):

@@ -214,16 +214,19 @@ def test_unknown_memory_weight_option_is_refused():
 # --------------------------------------------------------------------------- end to end
 
 
-def test_ssnet_literature_smoke_run(la_root, tmp_path):
+@pytest.mark.parametrize("protocol", ["honest", "literature"])
+def test_ssnet_smoke_run(la_root, tmp_path, protocol):
     """Every file, and how the trainer treats a literature selection that starts after the run ends.
 
-    SS-Net's selection starts at iteration 2000; a smoke run is far shorter, so no test-set
-    evaluation happens during training and the LAST weights are handed on and evaluated.
+    SS-Net's selection starts at iteration 2000; a smoke run is far shorter, so under `literature`
+    no test-set evaluation happens during training and the LAST weights are handed on and evaluated,
+    exactly as under `honest`. (The smoke profile is shortened further to 1 iteration and 1 test case
+    to keep the CPU time of the test suite small.)
     """
     from ssl_bench.cli import main
 
     out = tmp_path / "r"
-    rc = main(["run", "--method", "ssnet", "--profile", "smoke", "--protocol", "literature",
+    rc = main(["run", "--method", "ssnet", "--profile", "smoke", "--protocol", protocol,
                "--iterations", "1", "--eval-cases", "1", "--data", str(la_root), "--out", str(out), "--quiet"])
     assert rc == 0
     for name in ("config.json", "log.jsonl", "metrics_per_case.csv", "summary.json", "checkpoints/last.pt",
@@ -237,6 +240,6 @@ def test_ssnet_literature_smoke_run(la_root, tmp_path):
     assert all("test_dice_raw" not in r for r in rows)
     assert not (out / "checkpoints" / "stage1_best.pt").exists()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["protocol"] == "literature" and summary["paper_post"] == "lcc"
+    assert summary["protocol"] == protocol and summary["paper_post"] == "lcc"
     assert summary["checkpoint"]["selection"] == "last"
     assert summary["best_on_test"] == {"dice": None, "iteration": None}

@@ -1,7 +1,6 @@
 """UA-MT (METHODS.md §3.2): threshold, mask, entropy, consistency, EMA warm-up, teacher, end to end."""
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -206,7 +205,7 @@ def test_consistency_uses_only_the_unlabeled_samples():
 
 def test_threshold_length_is_the_stage_run_length():
     assert UAMT(StageContext(labeled=8, patch=(16, 16, 16))).total_iterations() == 6000
-    ctx = SimpleNamespace(labeled=8, patch=(16, 16, 16), n_filters=2, options={}, iterations=12)
+    ctx = StageContext(labeled=8, patch=(16, 16, 16), n_filters=2, iterations=12)
     assert UAMT(ctx).total_iterations() == 12
 
 
