@@ -25,7 +25,7 @@ HEAVISIDE_K = 1500.0
 
 
 def sdm_to_mask(sdm: torch.Tensor, k: float = HEAVISIDE_K) -> torch.Tensor:
-    """σ(-k·sdm): ≈1 inside (negative distance), ≈0 outside, 0.5 on the boundary (§3.4, §1.6 sign convention)."""
+    """σ(-k·sdm): ≈1 inside (negative distance), ≈0 outside, 0.5 on the boundary (§3.4; signs as in §1.6)."""
     return torch.sigmoid(-k * sdm)
 
 

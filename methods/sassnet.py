@@ -101,6 +101,7 @@ class SASSNet(Stage):
     trained = "seg"
     paper_lcc = False            # SASSNet's test script defaults to --nms 0 (§2.2)
     literature_selection = None  # README evaluates iter_6000 (§2.4)
+    known_options = ("consistency",)
 
     def __init__(self, ctx):
         super().__init__(ctx)

@@ -137,6 +137,7 @@ class SSNet(Stage):
     base_lr = 0.01
     paper_lcc = True
     literature_selection = (2000, 200)
+    known_options = ("ssnet_memory_weights",)
 
     consistency = 1.0  # --consistency
     rampup_length = 40.0  # --consistency_rampup, in units of 150 iterations

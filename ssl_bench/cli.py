@@ -1,6 +1,7 @@
 """The `ssl-bench` command line. Bad input → one line on stderr, exit code 2, no traceback."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -21,6 +22,20 @@ def _patch(value):
     if len(parts) != 3:
         raise UserError(f"--patch needs three sizes like 112,112,80, got {value!r}")
     return parts
+
+
+def _options(pairs) -> dict:
+    """KEY=VALUE pairs; values are parsed as JSON numbers/booleans where they look like one, else kept as text."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option must look like KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def _default_out(method: str, labeled: int, seed: int, protocol: str, profile: str) -> Path:
@@ -50,6 +65,8 @@ def cli():
 @click.option("--eval-cases", type=int, default=None, help="evaluate only the first N test cases")
 @click.option("--empty-policy", type=click.Choice(["penalty", "zero"]), default=None,
               help="metrics of an empty prediction (default penalty: Dice 0, distances = volume diagonal)")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="a method's named option (repeatable), e.g. ssnet_memory_weights=mean")
 @click.option("--teacher", type=click.Path(path_type=Path), default=None,
               help="reuse stage 1 of this run folder instead of training it (multi-stage methods)")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="run folder (default runs/<method>-L<n>-s<seed>-<protocol>)")
@@ -57,14 +74,14 @@ def cli():
 @click.option("--overwrite", is_flag=True, help="replace an existing run folder")
 @click.option("--quiet", is_flag=True, help="no progress line")
 def run(method, labeled, data_dir, seed, iterations, patch, n_filters, device, protocol, profile, checkpoint_every,
-        eval_cases, empty_policy, teacher, out, resume, overwrite, quiet):
+        eval_cases, empty_policy, options, teacher, out, resume, overwrite, quiet):
     """Train METHOD, evaluate it on the test set and write a self-describing run folder."""
     from .trainer import build_config, run_training
 
     cfg = build_config(method, profile, labeled=labeled, seed=seed, iterations=iterations, patch=_patch(patch),
                        n_filters=n_filters, device=device, protocol=protocol, checkpoint_every=checkpoint_every,
                        eval_cases=eval_cases, empty_policy=empty_policy,
-                       teacher=str(teacher.resolve()) if teacher else None)
+                       teacher=str(teacher.resolve()) if teacher else None, options=_options(options))
     out = out or _default_out(method, labeled, seed, protocol, profile)
     summary = run_training(cfg, out, data_dir, resume=resume, overwrite=overwrite, progress=not quiet)
     _print_summary(summary, out)

@@ -33,9 +33,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:  # the standard library from Python 3.11; the same parser as the `tomli` package before
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10 with tomli installed
+    import tomli as tomllib
 
 from .errors import UserError
 from .runs import PROJECT_ROOT

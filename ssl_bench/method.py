@@ -50,6 +50,8 @@ class Stage(ABC):
     paper_lcc: ClassVar[bool] = False
     #: reference best-on-test selection: (first iteration, every) or None when the reference uses the last
     literature_selection: ClassVar[tuple[int, int] | None] = None
+    #: names of the method's options (``--option KEY=VALUE``); any other key is refused
+    known_options: ClassVar[tuple[str, ...]] = ()
     #: the plain shuffled DataLoader of the labeled-only baseline keeps a final short batch
     keep_last_batch: ClassVar[bool] = False
 

@@ -89,6 +89,10 @@ def load_run(cell: Cell, runs_dir: Path) -> Run | None:
     if not (d / "summary.json").is_file():
         return None
     summary = read_json(d / "summary.json")
+    for key in ("method", "labeled", "seed", "protocol"):
+        if key in summary and summary[key] != getattr(cell, key):
+            raise UserError(f"{d}: its summary.json has {key} {summary[key]!r}, the cell {cell.id} needs "
+                            f"{getattr(cell, key)!r}; move the folder away")
     config = read_json(d / "config.json") if (d / "config.json").is_file() else {}
     per_case = pd.read_csv(d / "metrics_per_case.csv") if (d / "metrics_per_case.csv").is_file() else pd.DataFrame(
         columns=["case", "post", *METRICS, "empty"])

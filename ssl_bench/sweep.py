@@ -210,7 +210,6 @@ def run_sweep(experiment, data_dir=None, runs_dir="runs", gpus_per_trial: float 
     if max_failures < 0:
         raise UserError(f"--max-failures must be 0 or more, got {max_failures}")
     exp = load_experiment(experiment)
-    data_root = str(Path(LAData(data_dir).root).resolve())
     runs_dir = Path(runs_dir).resolve()
     cells = exp.plan()
     todo, complete = classify(cells, runs_dir, gpus_per_trial, resume)
@@ -226,19 +225,26 @@ def run_sweep(experiment, data_dir=None, runs_dir="runs", gpus_per_trial: float 
         for c in cells:
             echo(f"  {status[c.id]['state']:8s} {c.id}" + (f"  (stage 1 from {c.teacher})" if c.teacher else ""))
         return status
+    data_root = str(Path(LAData(data_dir).root).resolve())
+
+    def save_status() -> None:  # after planning and after every wave: a killed driver leaves it current
+        atomic_write_json(state_dir / "status.json", {
+            "experiment": exp.name, "file": str(exp.path), "data": data_root,
+            "updated": _dt.datetime.now().isoformat(timespec="seconds"), "cells": status})
+
     if todo:
+        save_status()
         started = _start_ray(address)
         try:
             _check_resources(gpus_per_trial, cpus_per_trial)
             _run_waves(exp.name, todo, cells, status, runs_dir, state_dir, data_root, gpus_per_trial,
-                       cpus_per_trial, max_concurrent, max_failures, echo)
+                       cpus_per_trial, max_concurrent, max_failures, echo, save_status)
         finally:
             if started:
                 import ray
 
                 ray.shutdown()
-    atomic_write_json(state_dir / "status.json", {"experiment": exp.name, "file": str(exp.path),
-                                                   "data": data_root, "cells": status})
+    save_status()
     failed = [cid for cid, s in status.items() if s["state"] == "failed"]
     for cid, s in status.items():
         echo(f"  {s['state']:8s} {cid}" + (f"  ({s['error']})" if s["error"] else ""))
@@ -251,7 +257,7 @@ def run_sweep(experiment, data_dir=None, runs_dir="runs", gpus_per_trial: float 
 
 
 def _run_waves(name, todo, cells, status, runs_dir, state_dir, data_root, gpus, cpus, max_concurrent,
-               max_failures, echo) -> None:
+               max_failures, echo, save_status) -> None:
     from ray import tune
 
     depth = wave_index(cells)
@@ -288,6 +294,7 @@ def _run_waves(name, todo, cells, status, runs_dir, state_dir, data_root, gpus, 
                 error = f"{type(err).__name__}: {err}".splitlines()[0] if err else "did not finish"
             status[job["id"]].update(state="complete" if done else "failed", attempts=attempts,
                                      error=None if done else error)
+        save_status()
         echo(f"wave {wave} done in {time.perf_counter() - t0:.0f} s")
 
 

@@ -150,6 +150,10 @@ class Trainer:
                                           amp=self.cuda_fast, empty_policy=cfg.empty_policy)
         self.ctx = StageContext(labeled=cfg.labeled, patch=tuple(cfg.patch), n_filters=cfg.n_filters,
                                 iterations=cfg.iterations, options=dict(cfg.options))
+        known = {name for cls in self.spec.stages for name in cls.known_options}
+        unknown = sorted(set(cfg.options) - known)
+        if unknown:
+            raise UserError(f"{cfg.method} has no option {unknown[0]!r}; its options: {', '.join(sorted(known)) or 'none'}")
         self.stages = [cls(self.ctx) for cls in self.spec.stages]
 
     # -- folder ---------------------------------------------------------------------------
@@ -363,6 +367,9 @@ class Trainer:
             self._save_weights(stage, nets, self.out / "stages" / f"{key}_last.pt", iters, "last")
         else:
             handed = {"weights": self._weights(stage, nets), "iteration": iters, "selection": "last"}
+            if selection:  # e.g. SS-Net's selection starts at 2000, beyond a short run
+                handed["selection_note"] = (f"literature selection starts at iteration {selection[0]}, "
+                                            f"beyond this stage's {iters}; the last weights were used")
         handed.update({"stage": k + 1, "stage_class": type(stage).__name__, "best_on_test": best,
                        "protocol": self.cfg.protocol})
         atomic_torch_save(handed, self.out / "stages" / f"{key}.pt")
@@ -425,6 +432,7 @@ class Trainer:
             "protocol": self.cfg.protocol, "profile": self.cfg.profile,
             "checkpoint": checkpoint,
             "best_on_test": handed.get("best_on_test"),
+            "selection_note": handed.get("selection_note"),
             "paper_post": "lcc" if stage.paper_lcc else "raw",
             "empty_policy": self.cfg.empty_policy,
             "test_cases": self.test_ids,
@@ -454,13 +462,10 @@ def run_training(cfg: RunConfig, out: Path, data_dir=None, resume: bool = False,
                  progress: bool = True, stop_at=None) -> dict:
     """Validate everything that can be checked cheaply BEFORE touching the output folder, then train."""
     data = LAData(data_dir)
-    get_method(cfg.method)
-    split = data.split(cfg.labeled)
-    resolve_device(cfg.device)
-    data.check(split.labeled + split.unlabeled + split.test)
     out = Path(out).resolve()
+    trainer = Trainer(cfg, out, data, progress=progress)  # method, options, split, device: checked, nothing written
+    data.check(trainer.split.labeled + trainer.split.unlabeled + trainer.split.test)
     prepare_run_dir(out, resume=resume, overwrite=overwrite)
-    trainer = Trainer(cfg, out, data, progress=progress)
     return trainer.run(resume=resume, stop_at=stop_at)
 
 

@@ -211,6 +211,8 @@ def test_bad_data_gives_one_line_and_exit_2(demo_root, tmp_path, capsys, breaker
     (["--method", "nope"], "unknown method 'nope'; registered: "),
     (["--patch", "50,50,50"], "multiple of 16"),
     (["--patch", "a,b"], "--patch"),
+    (["--option", "nope=1"], "vnet has no option 'nope'; its options: none"),
+    (["--option", "novalue"], "--option must look like KEY=VALUE"),
 ])
 def test_bad_options(demo_root, tmp_path, capsys, args, message):
     base = {"--method": "vnet", "--labeled": "4"}

@@ -1,5 +1,4 @@
 """Experiment files: the shipped grids, validation errors, cell IDs, stage-1 sharing and ordering."""
-from pathlib import Path
 
 import pytest
 

@@ -17,6 +17,7 @@ from ssl_bench.occlusion import (Box, apply_box, box_from_row, code_box, make_bo
 from ssl_bench.occlusion_plots import plot_fig3
 
 SIDE_03 = 0.3 ** (1 / 3)  # variant B side factor at p = 0.3
+N_CASES = 1  # test cases per smoke run: each evaluated case costs seconds of CPU (inference + surface metrics)
 
 
 def run_cli(*args):
@@ -123,13 +124,13 @@ def test_bad_ratio_input_is_one_line_exit_2(tmp_path, capsys, ratios, extra, fra
 
 @pytest.fixture(scope="module")
 def runs(la_root, tmp_path_factory):
-    """Two tiny V-Net runs (seeds 1 and 2) standing for two methods; 2 test cases each."""
+    """Two tiny V-Net runs (seeds 1 and 2) standing for two methods, evaluated on the first N_CASES test cases."""
     base = tmp_path_factory.mktemp("occ_runs")
     out = []
     for seed in (1, 2):
         d = base / f"vnet-s{seed}"
         assert run_cli("run", "--method", "vnet", "--profile", "smoke", "--iterations", 2, "--seed", seed,
-                       "--data", la_root, "--out", d, "--quiet") == 0
+                       "--eval-cases", N_CASES, "--data", la_root, "--out", d, "--quiet") == 0
         out.append(d)
     return out
 
@@ -164,8 +165,8 @@ def test_outputs_written(sweep, runs):
     assert (out / "panel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "fig3.pdf").read_bytes()[:5] == b"%PDF-"
     rows = rows_of(out / "occlusion_per_case.csv")
-    # 2 runs × (ratio 0 once + ratio 0.3 × 2 repeats) × 2 cases × 2 posts
-    assert len(rows) == 2 * 3 * 2 * 2
+    # 2 runs × (ratio 0 once + ratio 0.3 × 2 repeats) × cases × 2 posts
+    assert len(rows) == 2 * 3 * N_CASES * 2
     assert {(r["ratio"], r["repeat"]) for r in rows} == {("0.0", "0"), ("0.3", "0"), ("0.3", "1")}
     assert {r["post"] for r in rows} == {"raw", "lcc"}
     assert {r["paper_post"] for r in rows if r["post"] == "raw"} == {"True"}  # UA-MT's tester: no LCC
@@ -181,7 +182,7 @@ def test_ratio_zero_equals_clean_evaluation_exactly(sweep, runs):
     for run in runs:
         clean = rows_of(run / "metrics_per_case.csv")
         mine = [r for r in rows if r["run"] == run.name and r["ratio"] == "0.0"]
-        assert len(mine) == len(clean) == 4
+        assert len(mine) == len(clean) == 2 * N_CASES
         for c in clean:
             [m] = [r for r in mine if r["case"] == c["case"] and r["post"] == c["post"]]
             for key in ("dice", "jaccard", "hd95", "asd", "empty"):
@@ -193,7 +194,7 @@ def test_identical_masks_across_methods_and_stored_boxes_reproduce_them(sweep, l
     by_key = {}
     for key, h in seen:
         by_key.setdefault(key, []).append(h)
-    assert len(by_key) == 2 * 3 and all(len(v) == 2 for v in by_key.values())  # every image seen by both runs
+    assert len(by_key) == 3 * N_CASES and all(len(v) == 2 for v in by_key.values())  # every image seen by both runs
     assert all(v[0] == v[1] for v in by_key.values())  # ... identical for both
     data = LAData(la_root)
     boxes = rows_of(out / "boxes.csv")
@@ -226,7 +227,7 @@ def test_summary_is_mean_and_std_over_repeats_of_case_means(sweep, runs):
             [s] = [s for s in summary if s["run"] == run.name and s["post"] == post and s["ratio"] == "0.3"]
             assert float(s["dice_mean"]) == pytest.approx((per_repeat[0] + per_repeat[1]) / 2, abs=1e-12)
             assert float(s["dice_std"]) == pytest.approx(abs(per_repeat[0] - per_repeat[1]) / 2, abs=1e-12)
-            assert s["n_repeats"] == "2" and s["n_cases"] == "2"
+            assert s["n_repeats"] == "2" and s["n_cases"] == str(N_CASES)
             [z] = [s for s in summary if s["run"] == run.name and s["post"] == post and s["ratio"] == "0.0"]
             assert z["n_repeats"] == "1" and float(z["dice_std"]) == 0.0
 
@@ -238,7 +239,7 @@ def test_fig3_is_rebuilt_from_the_csv_alone(sweep, tmp_path):
     table = plot_fig3(csv_path, tmp_path / "fig")
     assert (tmp_path / "fig.png").stat().st_size > 0 and (tmp_path / "fig.pdf").stat().st_size > 0
     rows = [r for r in rows_of(csv_path) if r["paper_post"] == "True" and r["ratio"] == "0.3"]
-    # both runs are vnet: one line; samples = 2 runs × 2 repeats of the 2-case mean Dice
+    # both runs are vnet: one line; samples = 2 runs × 2 repeats of the case-mean Dice
     samples = [np.mean([float(r["dice"]) for r in rows if r["run"] == run and r["repeat"] == rep])
                for run in sorted({r["run"] for r in rows}) for rep in ("0", "1")]
     [line] = table[table["ratio"] == 0.3].to_dict("records")
@@ -265,12 +266,12 @@ def test_code_variant_reports_skips(runs, la_root, tmp_path, capsys):
     assert run_cli("occlusion", runs[0], "--variant", "code", "--ratios", "0.1,0.5", "--repeats", 1,
                    "--data", la_root, "--out", out, "--device", "cpu", "--quiet") == 0
     stdout = capsys.readouterr().out
-    # smoke patch 48×48×32: at r = 0.5 every side ⌊dim/2⌋ ≥ the patch (z: 44 ≥ 32), so both cases are skipped
-    assert "skipped" in stdout and "ratio 0.5: 2/2 case(s)" in stdout
+    # smoke patch 48×48×32: at r = 0.5 every side ⌊dim/2⌋ ≥ the patch (z: 44 ≥ 32), so every case is skipped
+    assert "skipped" in stdout and f"ratio 0.5: {N_CASES}/{N_CASES} case(s)" in stdout
     manifest = json.loads((out / "occlusion.json").read_text())
-    assert {s["ratio"] for s in manifest["skipped"]} == {0.5} and len(manifest["skipped"]) == 2
+    assert {s["ratio"] for s in manifest["skipped"]} == {0.5} and len(manifest["skipped"]) == N_CASES
     boxes = rows_of(out / "boxes.csv")
-    assert [b["skipped"] for b in boxes if b["ratio"] == "0.5"] == ["True", "True"]
+    assert [b["skipped"] for b in boxes if b["ratio"] == "0.5"] == ["True"] * N_CASES
     for b in (b for b in boxes if b["ratio"] == "0.1"):
         dims = [int(b[k]) for k in ("dim_x", "dim_y", "dim_z")]
         sides = [int(b[k]) for k in ("sx", "sy", "sz")]
@@ -285,7 +286,7 @@ def test_runs_on_different_test_sets_are_rejected(runs, la_root, tmp_path, capsy
     other = tmp_path / "fewer"
     shutil.copytree(runs[1], other)
     cfg = json.loads((other / "config.json").read_text())
-    cfg["config"]["eval_cases"] = 1
+    cfg["config"]["eval_cases"] = N_CASES + 1
     (other / "config.json").write_text(json.dumps(cfg))
     rc = run_cli("occlusion", runs[0], other, "--ratios", "0.3", "--data", la_root, "--out", tmp_path / "o", "--quiet")
     err = capsys.readouterr().err

@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 
 from ssl_bench.cli import main
-from ssl_bench.experiments import Cell
+from ssl_bench.errors import UserError
+from ssl_bench.experiments import PLANNED_METHODS, Cell, load_experiment
 from ssl_bench.report import collect, reproduction_markdown, run_minutes, write_report
-from ssl_bench.experiments import load_experiment, PLANNED_METHODS
 
 FIX = Path(__file__).parent / "fixtures" / "report"
 RUNS = FIX / "runs"
@@ -182,3 +182,11 @@ def test_missing_runs_folder_shows_everything_missing(tmp_path):
     rows = collect(exp, tmp_path / "nothing")
     assert rows and all(not r.runs for r in rows)
     assert Cell("vnet", 8, 1, "honest").run_dir(RUNS) == RUNS / "vnet-L8-s1-honest"
+
+
+def test_a_folder_that_is_not_its_cell_is_refused(tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(RUNS / "omf-L8-s1-honest", runs / "omf-L8-s2-honest")  # seed 1's run under seed 2's name
+    exp = load_experiment(FIX / "experiment.toml", methods=PLANNED_METHODS)
+    with pytest.raises(UserError, match="omf-L8-s2-honest: its summary.json has seed 1"):
+        collect(exp, runs)

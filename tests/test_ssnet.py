@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from methods.ssnet import SSNet, class_contrastive_loss, update_memory

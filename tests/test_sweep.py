@@ -6,7 +6,6 @@ that fails (20 labeled cases, the demo data has 16), and an omf-s1-s2 cell whose
 from an omf-s1 cell that the plan adds and trains first.
 """
 import json
-from pathlib import Path
 
 import pytest
 
