@@ -23,11 +23,13 @@ Output folder::
     occlusion_per_case.csv   tidy: run, method, labeled, seed, protocol, variant, ratio, repeat, case,
                              post (raw, lcc), paper_post, dice, jaccard, hd95, asd, empty
     occlusion_summary.csv    per run, ratio and post: mean ± std over repeats of the per-case-mean metrics
-    occlusion.json           settings, runs, skipped combinations, the ratio-0 check, the summary table
+    occlusion.json           settings, runs, skipped (case, ratio), the ratio-0 check, the summary table;
+                             written first with "status": "running", last with "complete"
     boxes.csv                every (ratio, repeat, case) box: volume shape, origin, sides, skip reason
     fig3.png, fig3.pdf       Dice against occluded proportion (built from occlusion_per_case.csv alone)
     fig3_data.csv            the numbers drawn in fig3
     panel.png, panel.npz     one occluded test slice: ground truth and each method's prediction outlined
+                             (--no-panel skips it: it costs one more inference per method)
 """
 from __future__ import annotations
 
@@ -369,7 +371,7 @@ def summarize_occlusion(rows: list[dict]) -> list[dict]:
 
 def run_occlusion(run_dirs, ratios: str | None = None, step: float = 0.1, repeats: int = 5, variant: str = "volume",
                   seed: int = 0, out=None, data_dir=None, device: str = "auto", overwrite: bool = False,
-                  progress: bool = True, echo=print) -> dict:
+                  progress: bool = True, panel: bool = True, echo=print) -> dict:
     """Validate everything, then evaluate every run at every (ratio, repeat, case) and write the outputs."""
     from .evaluate import evaluate_cases
     from .progress import Progress
@@ -395,9 +397,23 @@ def run_occlusion(run_dirs, ratios: str | None = None, step: float = 0.1, repeat
 
     plan = _plan_boxes(test_ids, data, ratio_list, repeats, variant, seed, patch)
     _write_csv(out / BOXES, BOX_COLS, [box_row(variant, seed, *p) for p in plan])
-    skipped = [{"ratio": p[0], "repeat": p[1], "case": p[2], "reason": p[5]} for p in plan if p[5]]
+    skipped = {(p[0], p[2]): {"ratio": p[0], "case": p[2], "reason": p[5]} for p in plan if p[5]}  # per (ratio, case)
     todo = [p for p in plan if not p[5]]
-    panel = _panel_choice(todo, data)
+    shown = _panel_choice(todo, data) if panel else None
+    manifest = {
+        "status": "running", "variant": variant, "protocol_section": "METHODS.md §3.7.8", "occlusion_seed": seed,
+        "ratios": ratio_list, "ratios_arg": ratio_text, "step": step, "repeats": repeats,
+        "ratio0_repeats": 1, "fill_value": 0.0, "training_patch": list(patch) if variant == "code" else None,
+        "std": "population std over repeats of the per-case-mean metric",
+        "data": str(data.root), "test_cases": test_ids,
+        "runs": [{"run": r.name, "path": str(r.path), "method": r.method, "labeled": r.labeled, "seed": r.seed,
+                  "protocol": r.protocol, "profile": r.profile, "paper_post": r.paper_post,
+                  "device": str(r.trainer.device)} for r in runs],
+        "skipped": list(skipped.values()),
+        "panel": {"case": shown[2], "ratio": shown[0], "repeat": shown[1], "z": shown[4]} if shown else None,
+        "provenance": provenance(),
+    }
+    atomic_write_json(out / MANIFEST, manifest)  # marks the folder as an occlusion output from the start
 
     rows, panel_preds, checks = [], {}, {}
     bar = Progress(len(todo) * len(runs), "occlusion", enabled=progress, unit="case")
@@ -418,10 +434,13 @@ def run_occlusion(run_dirs, ratios: str | None = None, step: float = 0.1, repeat
                 done += 1
                 bar.update(done, f"{run.name} ratio {ratio:g} repeat {repeat}")
             group = (run.method, run.labeled, run.protocol)
-            if group not in panel_preds:  # the panel shows the first run given of each method
-                panel_preds[group] = (run, _panel_prediction(run, stage, net, data, panel))
+            if shown is not None and group not in panel_preds:  # the panel shows the first run of each method
+                panel_preds[group] = (run, _panel_prediction(run, stage, net, data, shown))
             checks[run.name] = _clean_check(run, [r for r in rows if r["run"] == run.name])
             del net
+            if tr.device.type == "cuda":
+                import torch
+                torch.cuda.empty_cache()
             _write_csv(out / PER_CASE, TIDY_COLS, [{k: _fmt(v) for k, v in r.items()} for r in rows])
     finally:
         bar.close()
@@ -433,24 +452,16 @@ def run_occlusion(run_dirs, ratios: str | None = None, step: float = 0.1, repeat
     fig_table = plot_fig3(out / PER_CASE, out / "fig3")
     _write_csv(out / "fig3_data.csv", list(fig_table.columns),
                [{k: _fmt(v) for k, v in r.items()} for r in fig_table.to_dict("records")])
-    _save_panel_data(out / "panel.npz", data, panel, list(panel_preds.values()), rows, variant, save_panel)
-    plot_panel(out / "panel.npz", out / "panel.png")
+    files = [PER_CASE, SUMMARY, BOXES, "fig3.png", "fig3.pdf", "fig3_data.csv"]
+    if shown is not None:
+        _save_panel_data(out / "panel.npz", data, shown, list(panel_preds.values()), rows, variant, save_panel)
+        plot_panel(out / "panel.npz", out / "panel.png")
+        files += ["panel.png", "panel.npz"]
 
-    manifest = {
-        "variant": variant, "protocol_section": "METHODS.md §3.7.8", "occlusion_seed": seed,
-        "ratios": ratio_list, "ratios_arg": ratio_text, "step": step, "repeats": repeats,
-        "ratio0_repeats": 1, "fill_value": 0.0, "training_patch": list(patch) if variant == "code" else None,
-        "std": "population std over repeats of the per-case-mean metric",
-        "data": str(data.root), "test_cases": test_ids,
-        "runs": [{"run": r.name, "path": str(r.path), "method": r.method, "labeled": r.labeled, "seed": r.seed,
-                  "protocol": r.protocol, "profile": r.profile, "paper_post": r.paper_post,
-                  "device": str(r.trainer.device), "ratio0_vs_clean": checks[r.name]} for r in runs],
-        "skipped": skipped,
-        "panel": {"case": panel[2], "ratio": panel[0], "repeat": panel[1], "z": panel[4]},
-        "summary": table,
-        "files": [PER_CASE, SUMMARY, BOXES, "fig3.png", "fig3.pdf", "fig3_data.csv", "panel.png", "panel.npz"],
-        "provenance": provenance(),
-    }
+    manifest["status"] = "complete"
+    for entry in manifest["runs"]:
+        entry["ratio0_vs_clean"] = checks[entry["run"]]
+    manifest.update({"summary": table, "files": files})
     atomic_write_json(out / MANIFEST, manifest)
     _report(manifest, table, out, echo)
     return manifest
@@ -529,8 +540,11 @@ def _report(manifest, table, out: Path, echo) -> None:
 @click.option("--data", "data_dir", default=None, help="data root (default: the one recorded in the runs)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="replace an existing occlusion output folder")
+@click.option("--panel/--no-panel", default=True, show_default=True,
+              help="draw the qualitative panel (one more inference per method)")
 @click.option("--quiet", is_flag=True, help="no progress line")
-def occlusion_command(run_dirs, ratios, step, repeats, variant, seed, out, data_dir, device, overwrite, quiet):
+def occlusion_command(run_dirs, ratios, step, repeats, variant, seed, out, data_dir, device, overwrite, panel, quiet):
     """Occlusion robustness (paper Fig. 3): evaluate RUN_DIR... with one zero-filled cuboid per test image."""
     run_occlusion(run_dirs, ratios=ratios, step=step, repeats=repeats, variant=variant, seed=seed, out=out,
-                  data_dir=data_dir, device=device, overwrite=overwrite, progress=not quiet, echo=click.echo)
+                  data_dir=data_dir, device=device, overwrite=overwrite, progress=not quiet, panel=panel,
+                  echo=click.echo)

@@ -159,6 +159,36 @@ def metric_stats(row: Row, post: str, metric: str) -> tuple[float, float] | None
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else float("nan")
 
 
+def last_stats(row: Row, post: str, metric: str) -> tuple[float, float] | None:
+    """Like metric_stats, for the last weights a literature run also evaluates (summary "last"); None unless every run has them."""
+    vals = [r.summary["last"]["metrics"][post][metric] for r in row.runs
+            if post in ((r.summary.get("last") or {}).get("metrics") or {})]
+    if not vals or len(vals) != len(row.runs):
+        return None
+    scale = 100.0 if metric in PERCENT else 1.0
+    arr = np.array(vals, dtype=np.float64) * scale
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else float("nan")
+
+
+def selection_table_rows(rows: list[Row], paper: str | None) -> list[list[str]]:
+    """Literature runs: the test-selected checkpoint against the same runs' last weights (Decisions 2)."""
+    out = []
+    for row in rows:
+        if not row.runs or row.note:
+            continue
+        sel, last = metric_stats(row, row.post, "dice"), last_stats(row, row.post, "dice")
+        if last is None:
+            continue
+        its = sorted({r.summary["checkpoint"]["iteration"] for r in row.runs if "checkpoint" in r.summary})
+        out.append([published.display_name(row.method, paper), str(row.labeled), str(len(row.runs)),
+                    ", ".join(str(i) for i in its), fmt_stats(sel), fmt_stats(last), fmt(sel[0] - last[0], signed=True)])
+    return out
+
+
+SELECTION_HEADER = ["Method", "Labeled", "Seeds", "Selected iteration(s)", "Dice selected (%)", "Dice last (%)",
+                    "Selected − last"]
+
+
 def empty_counts(row: Row, post: str) -> tuple[int, int]:
     got = [r.summary["metrics"][post] for r in row.runs if post in r.summary.get("metrics", {})]
     return sum(int(m.get("n_empty", 0)) for m in got), sum(int(m.get("n_cases", 0)) for m in got)
@@ -272,6 +302,8 @@ def csv_table(rows: list[Row], paper: str | None) -> pd.DataFrame:
                 rec[f"paper_{m}"] = fig.value(m) if fig else None
                 rec[f"diff_{m}"] = (s[0] - fig.value(m)) if (s and fig) else None
                 rec[f"own_{m}"] = own.value(m) if own else None
+                last = last_stats(row, post, m) if (row.runs and not row.note) else None
+                rec[f"last_{m}_mean"] = last[0] if last else None
             e, total = empty_counts(row, post) if row.runs else (None, None)
             rec.update(n_empty=e, n_cases=total, own_source=own.source if own else None,
                        paper_note=fig.note if fig else None,
@@ -571,6 +603,11 @@ def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion
             md.append("\nNotes on the paper's numbers: " + "; ".join(notes) + ".\n")
         md += [f"\nWithout and with largest-connected-component post-processing ({protocol}):\n\n",
                markdown_table(LCC_HEADER, lcc_table_rows(prow, exp.paper))]
+        selection = selection_table_rows(prow, exp.paper) if protocol == "literature" else []
+        if selection:
+            md += ["\nThe same literature runs at their test-selected checkpoint and at their last weights "
+                   "(how much the selection on the test set adds; a second stage still starts from the first stage's "
+                   "selection):\n\n", markdown_table(SELECTION_HEADER, selection)]
         tex.append(latex_table(MAIN_HEADER, body, f"{exp.title}: protocol {protocol}"))
         plots = [(f"dice_per_case_{protocol}", plot_per_case)]
         if exp.paper == "table2":

@@ -185,7 +185,8 @@ class Trainer:
     def check_resumable(self) -> None:
         stored = read_json(self.out / "config.json")["config"]
         mine = self.cfg.to_json()
-        diff = [k for k in mine if stored.get(k) != mine[k]]
+        # the device may change (e.g. a sweep resumed on other hardware); everything that defines the run may not
+        diff = [k for k in mine if k != "device" and stored.get(k) != mine[k]]
         if diff:
             k = diff[0]
             raise UserError(f"cannot resume {self.out}: setting {k!r} was {stored.get(k)!r}, now {mine[k]!r}")

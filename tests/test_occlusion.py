@@ -124,12 +124,16 @@ def test_bad_ratio_input_is_one_line_exit_2(tmp_path, capsys, ratios, extra, fra
 
 @pytest.fixture(scope="module")
 def runs(la_root, tmp_path_factory):
-    """Two tiny V-Net runs (seeds 1 and 2) standing for two methods, evaluated on the first N_CASES test cases."""
+    """Two tiny V-Net runs (seeds 1 and 2) standing for two methods, evaluated on the first N_CASES test cases.
+
+    One iteration keeps them cheap; with these seeds the nets predict non-empty masks (checked below),
+    so the ratio-0 comparison is not between two trivially empty predictions.
+    """
     base = tmp_path_factory.mktemp("occ_runs")
     out = []
     for seed in (1, 2):
         d = base / f"vnet-s{seed}"
-        assert run_cli("run", "--method", "vnet", "--profile", "smoke", "--iterations", 2, "--seed", seed,
+        assert run_cli("run", "--method", "vnet", "--profile", "smoke", "--iterations", 1, "--seed", seed,
                        "--eval-cases", N_CASES, "--data", la_root, "--out", d, "--quiet") == 0
         out.append(d)
     return out
@@ -174,6 +178,23 @@ def test_outputs_written(sweep, runs):
     assert manifest["variant"] == "volume" and manifest["ratios"] == [0.0, 0.3] and manifest["skipped"] == []
     assert [r["seed"] for r in manifest["runs"]] == [1, 2]
     assert all(r["ratio0_vs_clean"]["identical"] for r in manifest["runs"])
+    assert manifest["status"] == "complete"
+
+
+def test_panel_shows_the_occluded_slice(sweep, la_root):
+    out, _ = sweep
+    manifest = json.loads((out / "occlusion.json").read_text())
+    p = np.load(out / "panel.npz")
+    # both runs are vnet: one subplot, the first run given
+    assert list(p["labels"]) == ["vnet (seed 1, raw)"] and p["preds"].shape[0] == 1
+    assert manifest["panel"]["ratio"] == 0.3 and manifest["panel"]["repeat"] == 0
+    [row] = [b for b in rows_of(out / "boxes.csv") if b["ratio"] == "0.3" and b["repeat"] == "0"
+             and b["case"] == manifest["panel"]["case"]]
+    image, gt = LAData(la_root).load(row["case"])
+    z = manifest["panel"]["z"]
+    assert int(row["z0"]) <= z < int(row["z0"]) + int(row["sz"])  # a slice through the box
+    assert np.array_equal(p["image"], apply_box(image, box_from_row(row))[:, :, z])
+    assert np.array_equal(p["gt"], gt[:, :, z]) and p["preds"][0].shape == gt[:, :, z].shape
 
 
 def test_ratio_zero_equals_clean_evaluation_exactly(sweep, runs):
@@ -183,6 +204,7 @@ def test_ratio_zero_equals_clean_evaluation_exactly(sweep, runs):
         clean = rows_of(run / "metrics_per_case.csv")
         mine = [r for r in rows if r["run"] == run.name and r["ratio"] == "0.0"]
         assert len(mine) == len(clean) == 2 * N_CASES
+        assert any(c["empty"] == "False" for c in clean), f"{run.name} predicts nothing: the comparison would be trivial"
         for c in clean:
             [m] = [r for r in mine if r["case"] == c["case"] and r["post"] == c["post"]]
             for key in ("dice", "jaccard", "hd95", "asd", "empty"):
@@ -249,22 +271,30 @@ def test_fig3_is_rebuilt_from_the_csv_alone(sweep, tmp_path):
 
 
 def test_second_invocation_on_one_method_sees_the_same_occlusions(sweep, runs, la_root, tmp_path):
+    """A later call on one method alone (and with fewer repeats) draws the same boxes and gets the same numbers."""
     out, _ = sweep
     again = tmp_path / "again"
-    assert run_cli("occlusion", runs[1], "--ratios", "0.3", "--repeats", 2, "--seed", 5, "--data", la_root,
-                   "--out", again, "--device", "cpu", "--quiet") == 0
-    assert (again / "boxes.csv").read_text() == (out / "boxes.csv").read_text()
-    first = [r for r in rows_of(out / "occlusion_per_case.csv") if r["run"] == runs[1].name]
+    assert run_cli("occlusion", runs[1], "--ratios", "0.3", "--repeats", 1, "--seed", 5, "--data", la_root,
+                   "--out", again, "--device", "cpu", "--no-panel", "--quiet") == 0
+    assert not (again / "panel.png").exists()
+    assert rows_of(again / "boxes.csv") == [b for b in rows_of(out / "boxes.csv") if b["repeat"] == "0"]
+    first = [r for r in rows_of(out / "occlusion_per_case.csv") if r["run"] == runs[1].name and r["repeat"] == "0"]
     assert rows_of(again / "occlusion_per_case.csv") == first
     # an existing, non-empty output folder is never overwritten silently
-    assert run_cli("occlusion", runs[1], "--ratios", "0.3", "--out", again, "--quiet") == 2
-    assert (again / "boxes.csv").read_text() == (out / "boxes.csv").read_text()
+    before = (again / "boxes.csv").read_text()
+    assert run_cli("occlusion", runs[1], "--ratios", "0.2", "--out", again, "--quiet") == 2
+    assert (again / "boxes.csv").read_text() == before
+    # --overwrite refuses to empty a folder that is not an occlusion output
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    assert run_cli("occlusion", runs[1], "--out", tmp_path / "mine", "--overwrite", "--quiet") == 2
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "x"
 
 
 def test_code_variant_reports_skips(runs, la_root, tmp_path, capsys):
     out = tmp_path / "code"
     assert run_cli("occlusion", runs[0], "--variant", "code", "--ratios", "0.1,0.5", "--repeats", 1,
-                   "--data", la_root, "--out", out, "--device", "cpu", "--quiet") == 0
+                   "--data", la_root, "--out", out, "--device", "cpu", "--no-panel", "--quiet") == 0
     stdout = capsys.readouterr().out
     # smoke patch 48×48×32: at r = 0.5 every side ⌊dim/2⌋ ≥ the patch (z: 44 ≥ 32), so every case is skipped
     assert "skipped" in stdout and f"ratio 0.5: {N_CASES}/{N_CASES} case(s)" in stdout

@@ -4,7 +4,7 @@ Fixture runs (4 test cases each; per-case Dice in metrics_per_case.csv, means in
   vnet  s1, s2 honest  raw Dice .75/.77, Jaccard .62/.64, 95HD 12/14, ASD 3.0/3.5; own post raw; 11 + 10 GPU min
   uamt  s1 honest      raw Dice .85 (s2 missing); LCC has one empty case; CPU, 13 min
   omf   s1, s2 honest  LCC Dice .875/.885, Jaccard .78/.79, 95HD 6/5, ASD 1.6/1.8; own post LCC; 41 + 41 GPU min
-  omf   s1 literature  LCC Dice .90 (s2 missing)
+  omf   s1 literature  LCC Dice .90 at its selected iteration 4600, .88 at its last weights (s2 missing)
   dtc   nothing (missing)
 """
 import csv
@@ -66,6 +66,8 @@ def test_main_table_cells(fixture_report):
     assert lit[0][6] == "76.00 ± 1.41" and lit[1][5] == "1/2"
     assert lit[2][5:8] == ["1/2", "90.00", "82.00"] and lit[2][11] == "-0.23 / -0.34 / -0.45 / -0.23"
     assert lit[3][6] == "missing"
+    # the literature run also evaluated its last weights (summary "last"): selection effect within the same run
+    assert md_section_rows(md, "The same literature runs") == [["OMF", "8", "1", "4600", "90.00", "88.00", "+2.00"]]
     both = md_section_rows(md, "Without and with largest-connected-component post-processing (honest)")
     assert both[1] == ["UA-MT", "8", "85.00", "66.75", "9.00", "30.00", "0/4", "1/4"]
     assert both[2][:4] == ["OMF", "8", "86.00 ± 0.71", "88.00 ± 0.71"]
@@ -81,6 +83,7 @@ def test_csv_and_latex(fixture_report):
     omf_lcc = df[(df.protocol == "literature") & (df.method == "omf") & (df.post == "lcc")].iloc[0]
     assert omf_lcc.status == "partial" and omf_lcc.n_seeds == 1 and omf_lcc.n_planned == 2
     assert math.isnan(omf_lcc.dice_std) and omf_lcc.dice_mean == pytest.approx(90.0)
+    assert omf_lcc.last_dice_mean == pytest.approx(88.0) and math.isnan(vnet.last_dice_mean)
     dtc = df[(df.protocol == "honest") & (df.method == "dtc")]
     assert list(dtc.status) == ["missing", "missing"] and dtc.dice_mean.isna().all()
     assert dtc.own_dice.iloc[0] == pytest.approx(86.57) and dtc.paper_dice.iloc[0] == pytest.approx(87.51)

@@ -54,10 +54,10 @@ def grids(tmp_path_factory):
 def swept(ray_session, grids, demo_root, tmp_path_factory):
     runs = tmp_path_factory.mktemp("sweep") / "runs"
     exp = load_experiment(grids / "grid.toml")
-    ids = {c.method + str(c.labeled) + "s" + str(c.seed): c for c in exp.plan()}
+    ids = {f"{c.method}/L{c.labeled}/s{c.seed}": c for c in exp.plan()}
     # a driver killed mid-run leaves an incomplete folder: seed 2 stopped after its first iteration
-    interrupted = ids["vnet4s2"].run_dir(runs)
-    cfg = RunConfig.from_json(cell_config(ids["vnet4s2"], runs.resolve(), 0.0))
+    interrupted = ids["vnet/L4/s2"].run_dir(runs)
+    cfg = RunConfig.from_json(cell_config(ids["vnet/L4/s2"], runs.resolve(), 0.0))
     with pytest.raises(Interrupted):
         run_training(cfg, interrupted, demo_root, progress=False, stop_at=(1, 1))
     config_before = (interrupted / "config.json").read_text()
@@ -77,28 +77,28 @@ def test_incomplete_folder_needs_resume(swept):
 
 def test_failing_cell_is_retried_reported_and_does_not_stop_the_others(swept):
     status, ids = swept["status"], swept["ids"]
-    bad = status[ids["vnet20s1"].id]
+    bad = status[ids["vnet/L20/s1"].id]
     assert bad["state"] == "failed" and bad["attempts"] == 2  # first try + max_failures=1 retry
     assert "--labeled must be between 1 and 16" in bad["error"]
-    assert swept["failed"].startswith(f"1 of 5 cells failed, e.g. {ids['vnet20s1'].id}")
-    for key in ("vnet4s1", "vnet4s2", "omf-s14s1", "omf-s1-s24s1"):
+    assert swept["failed"].startswith(f"1 of 5 cells failed, e.g. {ids['vnet/L20/s1'].id}")
+    for key in ("vnet/L4/s1", "vnet/L4/s2", "omf-s1/L4/s1", "omf-s1-s2/L4/s1"):
         assert status[ids[key].id]["state"] == "complete", key
         summary = json.loads((ids[key].run_dir(swept["runs"]) / "summary.json").read_text())
         assert summary["checkpoint"]["iteration"] == 2 and summary["metrics"]["raw"]["n_cases"] == 1
         assert summary["device"] == "cpu"
-    log = (swept["runs"] / "_sweeps" / "grid" / "logs" / f"{ids['vnet20s1'].id}.log").read_text()
+    log = (swept["runs"] / "_sweeps" / "grid" / "logs" / f"{ids['vnet/L20/s1'].id}.log").read_text()
     assert "Traceback" in log and log.count(" attempt on ") == 2
 
 
 def test_interrupted_cell_was_resumed_not_restarted(swept):
-    run = swept["ids"]["vnet4s2"].run_dir(swept["runs"])
+    run = swept["ids"]["vnet/L4/s2"].run_dir(swept["runs"])
     assert (run / "config.json").read_text() == swept["config_before"]  # a restart would rewrite it
     assert [json.loads(ln)["iteration"] for ln in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_two_stage_cell_reuses_the_provider_stage1(swept):
     ids, runs = swept["ids"], swept["runs"]
-    provider, cell = ids["omf-s14s1"], ids["omf-s1-s24s1"]
+    provider, cell = ids["omf-s1/L4/s1"], ids["omf-s1-s2/L4/s1"]
     assert provider.implicit and cell.teacher == provider.id
     cfg = json.loads((cell.run_dir(runs) / "config.json").read_text())["config"]
     assert cfg["teacher"] == str(provider.run_dir(runs.resolve()))
