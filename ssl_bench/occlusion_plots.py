@@ -67,7 +67,10 @@ def fig3_table(df: pd.DataFrame) -> pd.DataFrame:
     g = per_repeat.groupby(level=["label", "ratio"], sort=False)
     runs = per_repeat.reset_index().groupby(["label", "ratio"], sort=False)["run"].nunique()
     table = pd.DataFrame({"dice_mean": g.mean(), "dice_std": g.std(ddof=0), "n_runs": runs, "n_samples": g.size()})
-    return table.reset_index().sort_values(["label", "ratio"], kind="stable").reset_index(drop=True)
+    table = table.reset_index()
+    order = {label: i for i, label in enumerate(dict.fromkeys(df["label"]))}  # methods in the order given
+    table = table.assign(_order=table["label"].map(order)).sort_values(["_order", "ratio"], kind="stable")
+    return table.drop(columns="_order").reset_index(drop=True)
 
 
 def plot_fig3(csv_path, out_prefix) -> pd.DataFrame:
