@@ -90,11 +90,13 @@ def sliding_window(prob_fn: Callable, net, image: np.ndarray, settings: EvalSett
 
 def evaluate_cases(prob_fn: Callable, net, data, case_ids, settings: EvalSettings, device: torch.device,
                    image_fn: Callable | None = None, reference_style: bool = False,
-                   progress: bool = True, label: str = "eval", dice_only: bool = False) -> tuple[list[dict], dict]:
+                   progress: bool = True, label: str = "eval", dice_only: bool = False,
+                   on_prediction: Callable | None = None) -> tuple[list[dict], dict]:
     """Per-case rows for both post-processings ("raw" and "lcc") and timings.
 
     ``image_fn(case_id, image) -> image`` transforms the test image before inference (occlusion).
     ``dice_only`` computes only the raw Dice, as the reference scripts' periodic test-set selection does.
+    ``on_prediction(case_id, post, mask)`` sees every final binary mask (e.g. for a figure).
     """
     was_training = net.training
     net.eval()
@@ -117,6 +119,8 @@ def evaluate_cases(prob_fn: Callable, net, data, case_ids, settings: EvalSetting
                 bar.update(n + 1)
                 continue
             for post, mask in (("raw", pred), ("lcc", largest_component(pred))):
+                if on_prediction is not None:
+                    on_prediction(case_id, post, mask)
                 row = {"case": case_id, "post": post}
                 row.update(case_metrics(mask, gt, empty_policy=settings.empty_policy))
                 rows.append(row)

@@ -33,6 +33,8 @@ Output folder::
 """
 from __future__ import annotations
 
+from functools import partial
+
 import csv
 import hashlib
 import io
@@ -422,10 +424,14 @@ def run_occlusion(run_dirs, ratios: str | None = None, step: float = 0.1, repeat
         for run in runs:
             tr = run.trainer
             stage, net, _ = tr.final_network()
+            group = (run.method, run.labeled, run.protocol)
             for ratio, repeat, case, shape, box, _ in todo:
                 occ = Occluder(ratio, repeat, case, box)
+                hook = None
+                if shown is not None and group not in panel_preds and (ratio, repeat, case) == tuple(shown[:3]):
+                    hook = partial(_keep_panel_slice, panel_preds, group, run, shown[4])
                 case_rows, _ = evaluate_cases(stage.foreground_probability, net, data, [case], tr.eval_settings,
-                                              tr.device, image_fn=occ, progress=False)
+                                              tr.device, image_fn=occ, progress=False, on_prediction=hook)
                 for r in case_rows:
                     rows.append({"run": run.name, "method": run.method, "labeled": run.labeled, "seed": run.seed,
                                  "protocol": run.protocol, "variant": variant, "ratio": ratio, "repeat": repeat,
@@ -433,9 +439,6 @@ def run_occlusion(run_dirs, ratios: str | None = None, step: float = 0.1, repeat
                                  **{m: r[m] for m in METRIC_COLS}, "empty": bool(r["empty"])})
                 done += 1
                 bar.update(done, f"{run.name} ratio {ratio:g} repeat {repeat}")
-            group = (run.method, run.labeled, run.protocol)
-            if shown is not None and group not in panel_preds:  # the panel shows the first run of each method
-                panel_preds[group] = (run, _panel_prediction(run, stage, net, data, shown))
             checks[run.name] = _clean_check(run, [r for r in rows if r["run"] == run.name])
             del net
             if tr.device.type == "cuda":
@@ -467,23 +470,10 @@ def run_occlusion(run_dirs, ratios: str | None = None, step: float = 0.1, repeat
     return manifest
 
 
-def _panel_prediction(run: RunInfo, stage, net, data, panel) -> np.ndarray:
-    """The panel slice of this run's final mask (the same sliding window, threshold and post as the evaluator)."""
-    from .evaluate import sliding_window
-    from .postprocess import largest_component
-
-    ratio, repeat, case, box, z = panel
-    image = apply_box(data.load(case)[0], box)
-    was_training = net.training
-    net.eval()
-    try:
-        mask = sliding_window(stage.foreground_probability, net, image, run.trainer.eval_settings,
-                              run.trainer.device) > 0.5
-    finally:
-        net.train(was_training)
-    if run.paper_post == "lcc":
-        mask = largest_component(mask)
-    return mask[:, :, z].astype(np.uint8)
+def _keep_panel_slice(store: dict, group, run: RunInfo, z: int, case_id, post, mask) -> None:
+    """An ``on_prediction`` hook: keep the panel slice of the run's final mask (its own post-processing)."""
+    if post == run.paper_post:
+        store[group] = (run, mask[:, :, z].astype(np.uint8))
 
 
 def _save_panel_data(path, data, panel, shown, rows, variant, save_panel) -> None:
