@@ -516,15 +516,20 @@ def _report(manifest, table, out: Path, echo) -> None:
 
 
 @click.command("occlusion")
-@click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("run_dirs", metavar="[RUN_DIR...]", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--experiment", default=None,
+              help="take the run folders (its cells under --runs-dir) and the variant, ratios and repeats from an "
+                   "experiment file with an [occlusion] section, e.g. fig3; output defaults to results/<name>/occlusion")
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+              help="where --experiment's run folders are")
 @click.option("--ratios", default=None,
               help="a..b (every --step) or a comma list, each in [0,1); 0 is always added "
-                   f"[default: volume {DEFAULT_RATIOS['volume']}; code {DEFAULT_RATIOS['code']}]")
+                   "[default: 0.05,0.1,0.2,0.3,0.4,0.5 for volume, 0.1..0.5 for code]")
 @click.option("--step", type=float, default=0.1, show_default=True, help="spacing of an a..b ratio range")
-@click.option("--repeats", type=int, default=5, show_default=True, help="boxes per (ratio, case)")
-@click.option("--variant", type=click.Choice(VARIANTS), default="volume", show_default=True,
-              help="volume: proportion p of the voxels anywhere in the volume (§3.7.8 B, primary); "
-                   "code: per-axis side ratio within the training-patch bounds (OMF code, §3.7.8 A)")
+@click.option("--repeats", type=int, default=None, help="boxes per (ratio, case) [default: 5]")
+@click.option("--variant", type=click.Choice(VARIANTS), default=None,
+              help="volume: proportion p of the voxels anywhere in the volume (§3.7.8 B, primary, the default); "
+                   "code: the OMF helper's per-axis side ratio and placement bounds (§3.7.8 A)")
 @click.option("--seed", type=int, default=0, show_default=True, help="base seed of every box")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="output folder [default: occlusion-<variant>]")
 @click.option("--data", "data_dir", default=None, help="data root (default: the one recorded in the runs)")
@@ -533,8 +538,28 @@ def _report(manifest, table, out: Path, echo) -> None:
 @click.option("--panel/--no-panel", default=True, show_default=True,
               help="draw the qualitative panel (one more inference per method)")
 @click.option("--quiet", is_flag=True, help="no progress line")
-def occlusion_command(run_dirs, ratios, step, repeats, variant, seed, out, data_dir, device, overwrite, panel, quiet):
+def occlusion_command(run_dirs, experiment, runs_dir, ratios, step, repeats, variant, seed, out, data_dir, device,
+                      overwrite, panel, quiet):
     """Occlusion robustness (paper Fig. 3): evaluate RUN_DIR... with one zero-filled cuboid per test image."""
-    run_occlusion(run_dirs, ratios=ratios, step=step, repeats=repeats, variant=variant, seed=seed, out=out,
-                  data_dir=data_dir, device=device, overwrite=overwrite, progress=not quiet, panel=panel,
+    if experiment is not None:
+        from .experiments import load_experiment
+
+        if run_dirs:
+            raise UserError("give either RUN_DIR... or --experiment, not both")
+        exp = load_experiment(experiment)
+        if exp.occlusion is None:
+            raise UserError(f"experiment {exp.name} has no [occlusion] section")
+        run_dirs = [cell.run_dir(runs_dir) for cell in exp.cells]
+        missing = [str(d) for d in run_dirs if not (d / "summary.json").is_file()]
+        if missing:
+            raise UserError(f"{len(missing)} of {len(run_dirs)} runs of {exp.name} are not finished, e.g. {missing[0]}; "
+                            f"train them with `ssl-bench sweep {exp.name}`")
+        variant = variant or exp.occlusion.variant
+        ratios = ratios or ",".join(f"{r:g}" for r in exp.occlusion.ratios)
+        repeats = repeats or exp.occlusion.repeats
+        out = out or Path("results") / exp.name / "occlusion"
+    if not run_dirs:
+        raise UserError("give at least one run folder or --experiment")
+    run_occlusion(run_dirs, ratios=ratios, step=step, repeats=repeats or 5, variant=variant or "volume", seed=seed,
+                  out=out, data_dir=data_dir, device=device, overwrite=overwrite, progress=not quiet, panel=panel,
                   echo=click.echo)

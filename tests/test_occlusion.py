@@ -322,3 +322,30 @@ def test_runs_on_different_test_sets_are_rejected(runs, la_root, tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "different test sets" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_experiment_file_supplies_runs_and_protocol(runs, tmp_path, capsys):
+    """`--experiment` takes the cells' run folders and the [occlusion] settings; missing runs are refused."""
+    from ssl_bench.experiments import load_experiment
+
+    exp_file = tmp_path / "mini.toml"
+    exp_file.write_text('title = "mini"\nprofile = "smoke"\nseeds = [1, 2]\nprotocols = ["honest"]\n'
+                        '[run]\niterations = 1\neval_cases = 1\n'
+                        '[[grid]]\nmethods = ["vnet"]\nlabeled = [8]\n'
+                        '[occlusion]\nvariant = "volume"\nratios = [0.0, 0.3]\nrepeats = 1\n')
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    cells = load_experiment(exp_file).cells
+    assert [c.seed for c in cells] == [1, 2]
+    rc = run_cli("occlusion", "--experiment", exp_file, "--runs-dir", runs_dir, "--quiet", "--no-panel",
+                 "--out", tmp_path / "o")
+    err = capsys.readouterr().err
+    assert rc == 2 and "2 of 2 runs of mini are not finished" in err and len(err.strip().splitlines()) == 1
+    for cell, run in zip(cells, runs):  # the fixture's seed-1 and seed-2 runs stand for the two cells
+        (runs_dir / cell.id).symlink_to(run, target_is_directory=True)
+    rc = run_cli("occlusion", "--experiment", exp_file, "--runs-dir", runs_dir, "--quiet", "--no-panel",
+                 "--out", tmp_path / "o")
+    assert rc == 0
+    manifest = json.loads((tmp_path / "o" / "occlusion.json").read_text())
+    assert manifest["ratios"] == [0.0, 0.3] and manifest["repeats"] == 1 and manifest["variant"] == "volume"
+    assert sorted(r["seed"] for r in manifest["runs"]) == [1, 2]
