@@ -8,51 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from methods.omf import OMFStage1, OMFStage1Overlay, OMFStage2
 from ssl_bench.cli import main
 from ssl_bench.data import Batch
 from ssl_bench.losses import dice_mc
-from ssl_bench.method import StageContext, get_method
+from ssl_bench.method import get_method
 from ssl_bench.trainer import Trainer
-
-S = 12
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # 2 shared CPU cores: one intra-op thread is several times faster than two competing ones
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class Recorder(nn.Module):
-    """A stand-in network: records its inputs, returns fn(x) (two-class logits)."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn, self.inputs = fn, []
-        self.w = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x):
-        self.inputs.append(x.detach().clone())
-        return self.fn(x) + self.w
-
-
-def fg_where_bright(x):
-    """Teacher stand-in: foreground probability ≥ 0.5 exactly where x ≥ 0.5."""
-    return torch.cat([torch.zeros_like(x), 8 * (x - 0.5)], dim=1)
-
-
-def student_fn(x):
-    return torch.cat([0.3 * x, 0.1 - 0.7 * x], dim=1)
-
-
-def ctx(patch=(S, S, S)):
-    return StageContext(labeled=8, patch=patch, n_filters=2)
+from stand_ins import S, Recorder, ctx, fg_where_bright, student_fn
 
 
 def sup(z, y):
