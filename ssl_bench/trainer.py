@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import signal
 import threading
 import time
@@ -250,7 +251,8 @@ class Trainer:
                 lines.append(line)
         if keep_until is None:
             # completed stages are kept; the interrupted stage restarts from its beginning
-            done = {int(p.stem[5:]) for p in (self.out / "stages").glob("stage*.pt")}
+            done = {int(m.group(1)) for p in (self.out / "stages").glob("stage*.pt")
+                    if (m := re.fullmatch(r"stage(\d+)", p.stem))}
             lines = [ln for ln in lines if json.loads(ln)["stage"] in done]
         atomic_write_text(log, "".join(ln + "\n" for ln in lines))
 
