@@ -7,8 +7,6 @@ be rebuilt or restyled without evaluating anything. Figures are built on ``matpl
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,29 +17,15 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 from .errors import UserError
+from .runs import atomic_savefig, atomic_write
 
 X_LABEL = {"volume": "occluded proportion of the volume (%)",
            "code": "occlusion side ratio r (% of each axis; hidden volume ≈ r³)"}
 VARIANT_NAME = {"volume": "variant B: volume proportion", "code": "variant A: code-faithful"}
 
 
-def _atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` into a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_figure(fig: Figure, path: Path, fmt: str) -> None:
-    _atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=200, bbox_inches="tight"))
+    atomic_savefig(fig, path, dpi=200)
 
 
 def _line_labels(df: pd.DataFrame) -> pd.Series:
@@ -113,7 +97,7 @@ def save_panel(path, **arrays) -> None:
     def write(tmp):
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **{k: np.asarray(v) for k, v in arrays.items()})
-    _atomic(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 def _outline(ax, mask: np.ndarray, color: str) -> None:

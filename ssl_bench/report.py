@@ -30,8 +30,6 @@ repeats (§3.7.8).
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +41,7 @@ import pandas as pd
 from . import published
 from .errors import UserError
 from .experiments import LA_TRAIN_CASES, PLANNED_METHODS, PROTOCOLS, Cell, Experiment, load_experiment
-from .runs import atomic_write_text, read_json
+from .runs import atomic_savefig, atomic_write_text, read_json
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 PERCENT = {"dice", "jaccard"}
@@ -464,16 +462,7 @@ def save_figure(fig, stem: Path) -> list[Path]:
     written = []
     for ext in ("png", "pdf"):
         path = stem.with_suffix("." + ext)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="." + ext, dir=path.parent)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_savefig(fig, path, dpi=150)
         written.append(path)
     return written
 

@@ -38,20 +38,31 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    import torch
-
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` into a temporary file beside ``path`` (same suffix), then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_savefig(fig, path: Path, dpi: int = 150) -> None:
+    """A matplotlib figure in the format of ``path``'s suffix (png, pdf), written atomically."""
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:], dpi=dpi, bbox_inches="tight"))
 
 
 def _json_default(o):
