@@ -78,7 +78,7 @@ def classify(cells: list[Cell], runs_dir: Path, gpus_per_trial: float, resume: b
                 incomplete.append(cell)
                 continue
             stored = read_json(stored_path)["config"]
-            diff = [k for k in wanted if stored.get(k) != wanted[k]]
+            diff = [k for k in wanted if k != "device" and stored.get(k) != wanted[k]]  # as the trainer's resume
             if diff:
                 k = diff[0]
                 problems.append(f"cannot resume {out}: setting {k!r} was {stored.get(k)!r}, now {wanted[k]!r}")
