@@ -31,3 +31,15 @@ def student_fn(x):
 
 def ctx(patch=(S, S, S)):
     return StageContext(labeled=8, patch=patch, n_filters=2)
+
+
+def nets_initialised_from_handed(stage):
+    """Build a two-network stage, hand it fresh V-Net weights, check student and teacher both load them; (nets, weights)."""
+    torch.manual_seed(0)
+    nets = stage.networks()
+    handed = {k: v.clone() for k, v in stage.vnet(n_classes=2, head="A", dropout=True).state_dict().items()}
+    stage.init_from(nets, handed)
+    for name in ("student", "teacher"):
+        for k, v in nets[name].state_dict().items():
+            assert torch.equal(v, handed[k])
+    return nets, handed

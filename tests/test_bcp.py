@@ -15,7 +15,7 @@ from ssl_bench.losses import dice_mc
 from ssl_bench.method import get_method
 from ssl_bench.mixing import cut_mask, random_cut_mask
 from ssl_bench.trainer import build_config, run_training
-from stand_ins import S, Recorder, ctx, fg_where_bright, student_fn
+from stand_ins import S, Recorder, ctx, fg_where_bright, nets_initialised_from_handed, student_fn
 
 
 def test_registration_and_defaults():
@@ -110,13 +110,7 @@ def test_stage2_bidirectional_copy_paste_wiring():
 
 def test_stage2_teacher_init_and_fixed_ema():
     stage = BCPStage2(ctx((16, 16, 16)))
-    torch.manual_seed(0)
-    nets = stage.networks()
-    handed = {k: v.clone() for k, v in stage.vnet(n_classes=2, head="A", dropout=True).state_dict().items()}
-    stage.init_from(nets, handed)
-    for name in ("student", "teacher"):
-        for k, v in nets[name].state_dict().items():
-            assert torch.equal(v, handed[k])
+    nets, handed = nets_initialised_from_handed(stage)
     assert not any(p.requires_grad for p in nets["teacher"].parameters())
     with torch.no_grad():
         for p in nets["student"].parameters():

@@ -15,7 +15,7 @@ from ssl_bench.data import Batch
 from ssl_bench.losses import dice_mc
 from ssl_bench.method import get_method
 from ssl_bench.trainer import Trainer
-from stand_ins import S, Recorder, ctx, fg_where_bright, student_fn
+from stand_ins import S, Recorder, ctx, fg_where_bright, nets_initialised_from_handed, student_fn
 
 
 def sup(z, y):
@@ -106,13 +106,7 @@ def test_stage2_mantle_orientation_and_loss():
 
 def test_stage2_teacher_is_frozen_in_train_mode():
     stage = OMFStage2(ctx((16, 16, 16)))
-    torch.manual_seed(0)
-    nets = stage.networks()
-    handed = {k: v.clone() for k, v in stage.vnet(n_classes=2, head="A", dropout=True).state_dict().items()}
-    stage.init_from(nets, handed)
-    for name in ("student", "teacher"):
-        for k, v in nets[name].state_dict().items():
-            assert torch.equal(v, handed[k])
+    nets, handed = nets_initialised_from_handed(stage)
     teacher_params = {k: v.clone() for k, v in nets["teacher"].named_parameters()}
     opts = stage.optimizers(nets)
     assert set(opts) == {"main"}
