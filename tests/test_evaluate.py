@@ -74,3 +74,21 @@ def test_occlusion_hook_is_applied_before_inference():
     rows, _ = evaluate_cases(_prob_fn, _Oracle(), data, ["a"], s, torch.device("cpu"), progress=False,
                              image_fn=lambda cid, im: np.where(np.arange(40)[:, None, None] < 15, 0, im))
     assert rows[0]["dice"] == pytest.approx(2 * 5 / (10 + 5))
+
+
+def test_summary_is_the_mean_and_population_std_over_cases_with_empty_count():
+    # hand-computed: dice 0.9, 0.7, 0.0 -> mean 0.5333…, population std sqrt(((.3667)²+(.1667)²+(.5333)²)/3)
+    rows = []
+    for case, (d, h, empty) in zip("abc", [(0.9, 2.0, False), (0.7, 4.0, False), (0.0, 10.0, True)]):
+        for post in ("raw", "lcc"):
+            rows.append({"case": case, "post": post, "dice": d, "jaccard": d / 2, "hd95": h, "asd": h / 2,
+                         "empty": empty})
+    s = summarize(rows)
+    mean = (0.9 + 0.7 + 0.0) / 3
+    pop_std = (((0.9 - mean) ** 2 + (0.7 - mean) ** 2 + (0.0 - mean) ** 2) / 3) ** 0.5
+    for post in ("raw", "lcc"):
+        assert s[post]["n_cases"] == 3 and s[post]["n_empty"] == 1
+        assert abs(s[post]["dice"] - mean) < 1e-12
+        assert abs(s[post]["dice_std"] - pop_std) < 1e-12
+        assert abs(s[post]["hd95"] - 16.0 / 3) < 1e-12
+        assert abs(s[post]["asd_std"] - ((((1 - 8 / 3) ** 2 + (2 - 8 / 3) ** 2 + (5 - 8 / 3) ** 2) / 3) ** 0.5)) < 1e-12

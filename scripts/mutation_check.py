@@ -1,0 +1,548 @@
+#!/usr/bin/env python3
+"""Mutation check: single-line breakages of the lines that decide results must fail the tests.
+
+Each mutant below changes one line (or one expression) of a result-critical module — losses, ramps,
+schedules, sampling, augmentation, selection, metrics, occlusion boxes, report statistics — and names
+the test files that must catch it. For every mutant the checker copies the work tree to a temporary
+folder, applies the change there (the work tree is never modified), and runs pytest on those files
+with the copy first on ``PYTHONPATH`` (subprocesses started by the tests import the copy too). A
+mutant is *killed* when pytest fails; it *survives* when the tests still pass.
+
+Not part of the README's test command: run it before resolving an issue that touches these modules.
+
+    python scripts/mutation_check.py               # every mutant, 2 workers; exit 0 only if all are killed
+    python scripts/mutation_check.py --list        # the mutants and their test files
+    python scripts/mutation_check.py --only d1,t3  # some mutants
+    python scripts/mutation_check.py --all-tests   # each mutant against the whole suite (slow)
+    python scripts/mutation_check.py --json out.json
+
+Before the mutants, the same test files run once on the unmodified copy and must pass (otherwise a
+"killed" mutant would mean nothing). A mutant whose text is not found exactly once, or whose file no
+longer compiles after the change, is an error of this list (exit 2), never counted as killed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# test files per area (each mutant runs the union of the groups it names)
+DATA = ["tests/test_guard_data.py", "tests/test_data.py"]
+TRAINER = ["tests/test_guard_trainer.py"]
+PROTOCOLS = ["tests/test_guard_protocols.py"]
+LOSSES = ["tests/test_guard_losses.py", "tests/test_losses.py"]
+METRICS = ["tests/test_metrics.py", "tests/test_evaluate.py", "tests/test_postprocess.py"]
+OCCLUSION = ["tests/test_occlusion.py"]
+REPORT = ["tests/test_report.py", "tests/test_guard_protocols.py"]
+SWEEP = ["tests/test_sweep.py", "tests/test_guard_protocols.py"]
+
+
+def method_tests(name: str) -> list[str]:
+    return ["tests/test_guard_losses.py", f"tests/test_{name}.py"]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    path: str
+    find: str
+    replace: str
+    tests: tuple[str, ...]
+    why: str
+
+
+def M(id, path, find, replace, tests, why):  # noqa: N802  (a compact table below)
+    return Mutant(id, path, find, replace, tuple(dict.fromkeys(tests)), why)
+
+
+MUTANTS = [
+    # -- data pipeline: split, augmentation, sampling (METHODS.md §1.2-§1.4) ----------------------
+    M("d1", "ssl_bench/data.py",
+      "    label = torch.flip(torch.rot90(label, k, dims=(0, 1)), dims=(axis,))",
+      "    label = torch.flip(torch.rot90(label, k, dims=(0, 1)), dims=(1 - axis,))",
+      DATA, "label flipped along another axis than its image"),
+    M("d2", "ssl_bench/data.py",
+      "    return image[sl], label[sl]",
+      "    return image[sl], label[tuple(slice(o + 1, o + 1 + t) for o, t in zip(origin, patch))]",
+      DATA, "label cropped one voxel off the image's crop origin"),
+    M("d3", "ssl_bench/data.py",
+      "origin.append(int(rng.integers(0, s - t)))",
+      "origin.append(int(rng.integers(0, s - t + 1)))",
+      DATA, "crop origin upper bound made inclusive (the reference's is exclusive)"),
+    M("d4", "ssl_bench/data.py",
+      "pads = [max((t - s) // 2 + 3, 0)",
+      "pads = [max((t - s) // 2 + 2, 0)",
+      DATA, "padding +2 per side instead of the reference's +3"),
+    M("d5", "ssl_bench/data.py",
+      "if not any(s <= t for s, t in zip(shape, patch)):",
+      "if not any(s < t for s, t in zip(shape, patch)):",
+      DATA, "padding skipped when a side equals the patch"),
+    M("d6", "ssl_bench/data.py",
+      "k = int(rng.integers(0, 4))",
+      "k = int(rng.integers(0, 3))",
+      DATA, "rotation never by 270 degrees"),
+    M("d7", "ssl_bench/data.py",
+      "[self.split.unlabeled[i] for i in unl]",
+      "[self.split.test[i % len(self.split.test)] for i in unl]",
+      DATA, "unlabeled cases drawn from the test list"),
+    M("d8", "ssl_bench/data.py",
+      "self._unlabeled_queue = self.rng.permutation(self.n_unlabeled).tolist()",
+      "self._unlabeled_queue = self.rng.integers(0, self.n_unlabeled, self.n_unlabeled).tolist()",
+      DATA, "unlabeled stream drawn with replacement"),
+    M("d9", "ssl_bench/data.py",
+      "            self._unlabeled_queue = []\n",
+      "            pass\n",
+      DATA, "unlabeled permutation not restarted at a new labeled epoch"),
+    M("d10", "ssl_bench/data.py",
+      '        self.rng.bit_generator.state = state["rng"]',
+      "        pass",
+      DATA + TRAINER, "augmentation RNG not restored on resume"),
+    M("d11", "ssl_bench/data.py",
+      "return Split(tuple(self.train_ids[:labeled]), tuple(self.train_ids[labeled:]), tuple(self.test_ids))",
+      "return Split(tuple(self.train_ids[:labeled]), tuple(self.train_ids[labeled - 1:]), tuple(self.test_ids))",
+      DATA, "a labeled case also in the unlabeled pool"),
+    M("d12", "ssl_bench/data.py",
+      "n_full = self.n_labeled // self.b_labeled",
+      "n_full = -(-self.n_labeled // self.b_labeled)",
+      DATA, "labeled epoch keeps the short leftover batch"),
+    M("d13", "ssl_bench/data.py",
+      '        self._unlabeled_queue = list(state["unlabeled_queue"])',
+      "        self._unlabeled_queue = []",
+      DATA + TRAINER, "sampler's unlabeled queue not restored on resume"),
+
+    # -- the trainer's wiring: steps, schedules, resume, selection ---------------------------------
+    M("t1", "ssl_bench/trainer.py",
+      "        stage.after_step(nets, it0)",
+      "        pass",
+      TRAINER + method_tests("uamt"), "the EMA teacher update never called"),
+    M("t2", "ssl_bench/trainer.py",
+      "                lr = stage.lr(done)",
+      "                lr = stage.lr(it0)",
+      TRAINER, "learning-rate schedule one iteration late"),
+    M("t3", "ssl_bench/trainer.py",
+      'g["lr"] = stage.lr(start) if',
+      'g["lr"] = stage.lr(0) if',
+      TRAINER, "a resumed run restarts the learning-rate schedule"),
+    M("t4", "ssl_bench/trainer.py",
+      '                opt.load_state_dict(state["optimizers"][name])',
+      "                pass",
+      TRAINER, "optimiser state (momentum, Adam moments) lost on resume"),
+    M("t5", "ssl_bench/trainer.py",
+      '            stage.load_extra_state(state.get("extra"))',
+      "            pass",
+      TRAINER, "SS-Net's memory bank not restored on resume"),
+    M("t6", "ssl_bench/trainer.py",
+      '            torch.set_rng_state(state["torch_rng"])',
+      "            pass",
+      TRAINER, "torch RNG (dropout, noise, cut masks) not restored on resume"),
+    M("t7", "ssl_bench/trainer.py",
+      "                opt.zero_grad(set_to_none=True)",
+      "                pass",
+      TRAINER, "gradients accumulate across iterations"),
+    M("t8", "ssl_bench/trainer.py",
+      'if best["dice"] is None or dice > best["dice"]:',
+      'if best["dice"] is None or dice < best["dice"]:',
+      PROTOCOLS, "best-on-test keeps the worst checkpoint"),
+    M("t9", "ssl_bench/trainer.py",
+      'if best["dice"] is None or dice > best["dice"]:',
+      'if best["dice"] is None or dice >= best["dice"]:',
+      PROTOCOLS, "a tie replaces the best (the references need strictly greater)"),
+    M("t10", "ssl_bench/trainer.py",
+      '        if selection and best["iteration"] is not None:',
+      "        if False:",
+      PROTOCOLS, "literature protocol hands on the last weights, not the selected ones"),
+    M("t11", "ssl_bench/trainer.py",
+      '            for opt in opts.values():\n                opt.zero_grad(set_to_none=True)\n',
+      '            opts[phase].zero_grad(set_to_none=True)\n',
+      TRAINER + method_tests("sassnet"),
+      "only the current phase's gradients cleared (SASSNet's discriminator phase sees the main phase's)"),
+
+    # -- shared losses, ramps, EMA, SDF (METHODS.md §1.6-§1.7) -------------------------------------
+    M("l1", "ssl_bench/losses.py",
+      "t.mul_(alpha).add_(s_data, alpha=1.0 - alpha)",
+      "t.mul_(1.0 - alpha).add_(s_data, alpha=alpha)",
+      LOSSES + TRAINER, "EMA weights swapped"),
+    M("l2", "ssl_bench/losses.py",
+      "return min(1.0 - 1.0 / (int(iteration0) + 1), float(cap))",
+      "return min(1.0 - 1.0 / (int(iteration0) + 2), float(cap))",
+      LOSSES + TRAINER + method_tests("uamt"), "UA-MT EMA warm-up off by one"),
+    M("l3", "ssl_bench/losses.py",
+      "return float(math.exp(-5.0 * phase * phase))",
+      "return float(math.exp(-4.0 * phase * phase))",
+      LOSSES, "sigmoid ramp-up with the wrong slope"),
+    M("l4", "ssl_bench/losses.py",
+      "(torch.sum(p * p) + torch.sum(g * g) + smooth)",
+      "(torch.sum(p) + torch.sum(g) + smooth)",
+      LOSSES, "DiceFG-sq with a linear denominator"),
+    M("l5", "ssl_bench/losses.py",
+      "dice = (2.0 * inter + smooth) / (union + smooth)",
+      "dice = (inter + smooth) / (union + smooth)",
+      LOSSES, "DiceMC without the factor 2"),
+    M("l6", "ssl_bench/losses.py",
+      "return torch.sum(ce * m) / (torch.sum(m) + 1e-16)",
+      "return torch.mean(ce * m)",
+      LOSSES + method_tests("bcp"), "masked CE normalised by all voxels, not the mask"),
+    M("l7", "ssl_bench/losses.py",
+      "pb = torch.softmax(_acc(b_logits), dim=1)",
+      "pb = torch.sigmoid(_acc(b_logits))",
+      LOSSES, "softmax-MSE target through a sigmoid"),
+    M("l8", "ssl_bench/losses.py",
+      "        sdm = neg_term - pos_term",
+      "        sdm = pos_term - neg_term",
+      LOSSES + method_tests("dtc"), "signed-distance target with the sign flipped"),
+    M("l9", "ssl_bench/losses.py",
+      "        sdm[inner_boundary(fg)] = 0.0",
+      "        pass",
+      LOSSES + method_tests("dtc"), "SDF boundary not set to 0"),
+
+    # -- each method's total (METHODS.md §3) -------------------------------------------------------
+    M("m1", "methods/vnet.py",
+      "return 0.5 * (ce + dice), {",
+      "return (ce + dice), {",
+      method_tests("vnet"), "V-Net baseline loss without the 0.5"),
+    M("m2", "methods/uamt.py",
+      "loss = supervised + weight * cons",
+      "loss = supervised - weight * cons",
+      method_tests("uamt"), "UA-MT consistency subtracted"),
+    M("m3", "methods/uamt.py",
+      "supervised = 0.5 * (ce + dice)",
+      "supervised = 0.5 * ce",
+      method_tests("uamt"), "UA-MT Dice term dropped"),
+    M("m4", "methods/uamt.py",
+      "mask = (uncertainty < threshold).float()",
+      "mask = (uncertainty > threshold).float()",
+      method_tests("uamt"), "UA-MT keeps the uncertain voxels"),
+    M("m5", "methods/uamt.py",
+      "return CONSISTENCY * sigmoid_rampup(it0 // RAMPUP_EVERY, RAMPUP_LENGTH)",
+      "return CONSISTENCY * sigmoid_rampup((it0 + 1) // RAMPUP_EVERY, RAMPUP_LENGTH)",
+      method_tests("uamt"), "UA-MT ramp one iteration early"),
+    M("m6", "methods/sassnet.py",
+      "supervised = dice + BETA * sdf",
+      "supervised = dice + sdf",
+      method_tests("sassnet"), "SASSNet SDF term without its weight"),
+    M("m7", "methods/sassnet.py",
+      "[1] * n_labeled + [0] * n_unlabeled",
+      "[0] * n_labeled + [1] * n_unlabeled",
+      method_tests("sassnet"), "SASSNet discriminator targets swapped"),
+    M("m8", "methods/sassnet.py",
+      "fool = torch.ones(",
+      "fool = torch.zeros(",
+      method_tests("sassnet"), "SASSNet adversarial term pushes towards 'unlabeled'"),
+    M("m9", "methods/dtc.py",
+      "consistency = torch.mean((sdm_to_mask(sdm) - prob) ** 2)",
+      "consistency = torch.mean((sdm_to_mask(sdm[:nl]) - prob[:nl]) ** 2)",
+      method_tests("dtc"), "DTC dual-task consistency on labeled samples only"),
+    M("m10", "methods/dtc.py",
+      "sigmoid_rampup(it0 // 150, self.rampup_length)",
+      "sigmoid_rampup((it0 + 1) // 150, self.rampup_length)",
+      method_tests("dtc"), "DTC ramp one iteration early"),
+    M("m11", "methods/dtc.py",
+      "return torch.sigmoid(-k * sdm)",
+      "return torch.sigmoid(k * sdm)",
+      method_tests("dtc"), "DTC Heaviside approximation with the sign flipped"),
+    M("m12", "methods/ssnet.py",
+      "batch.image, distance=dice_fg_lin,",
+      "batch.image[:2], distance=dice_fg_lin,",
+      method_tests("ssnet"), "SS-Net VAT on half of the batch"),
+    M("m13", "methods/ssnet.py",
+      "sigmoid_rampup((it0 + 1) // 150, self.rampup_length)",
+      "sigmoid_rampup(it0 // 150, self.rampup_length)",
+      method_tests("ssnet"), "SS-Net ramp without the reference's early increment"),
+    M("m14", "methods/ssnet.py",
+      "(vat + self.contrastive_weight * (cl_l + cl_u))",
+      "(vat + self.contrastive_weight * cl_l)",
+      method_tests("ssnet"), "SS-Net unlabeled contrastive term dropped"),
+    M("m15", "methods/ssnet.py",
+      "order = torch.sort(score, dim=0).indices",
+      "order = torch.sort(score, dim=0, descending=True).indices",
+      method_tests("ssnet"), "SS-Net memory keeps the highest-scored vectors"),
+    M("m16", "methods/bcp.py",
+      "loss_in = mix_loss(z_in, y_a, plab_a, m, w_out=1.0, w_in=self.u_weight)",
+      "loss_in = mix_loss(z_in, y_a, plab_a, m, w_out=self.u_weight, w_in=1.0)",
+      method_tests("bcp"), "BCP pseudo-label weight on the labeled region"),
+    M("m17", "methods/bcp.py",
+      "x_in = mix(l_a, u_a, m)",
+      "x_in = mix(u_a, l_a, m)",
+      method_tests("bcp"), "BCP mix with labeled and unlabeled swapped"),
+    M("m18", "methods/bcp.py",
+      "ema_alpha = 0.99",
+      "ema_alpha = 0.999",
+      method_tests("bcp") + TRAINER, "BCP EMA decay"),
+    M("m19", "methods/omf.py",
+      "return self.weight * loss_a, {",
+      "return loss_a, {",
+      method_tests("omf"), "OMF stage-2 weight 1.7 dropped"),
+    M("m20", "methods/omf.py",
+      "return self.base_lr * (0.1 if done >= 10000 else 1.0)",
+      "return self.base_lr * (0.1 if done > 10000 else 1.0)",
+      method_tests("omf") + TRAINER, "OMF stage-1 lr step one iteration late"),
+    M("m21", "methods/omf.py",
+      "return self.base_lr * 0.8 ** (done // 2500)",
+      "return self.base_lr * 0.1 ** (done // 2500)",
+      method_tests("omf") + TRAINER, "OMF stage-2 lr decays by 0.1, not 0.8"),
+    M("m22", "methods/omf.py",
+      "loss_a = softmax_mse(z_s, z_q).mean()",
+      "loss_a = softmax_mse(z_s, z_p).mean()",
+      method_tests("omf"), "OMF stage-2 target is the teacher on P, not on the clean Q"),
+    M("m23", "methods/omf.py",
+      "return loss_ov + loss_a + loss_b, {",
+      "return loss_ov + loss_a, {",
+      method_tests("omf"), "OMF orgloss without L_B"),
+
+    # -- mixing (BCP / OMF) ------------------------------------------------------------------------
+    M("x1", "ssl_bench/mixing.py",
+      "return mix(y_foreground, y_background, y_foreground)",
+      "return y_foreground * y_background",
+      ["tests/test_mixing.py"] + method_tests("omf"), "OMF overlay label: intersection instead of union"),
+    M("x2", "ssl_bench/mixing.py",
+      "return tuple(int(n) * 2 // 3 for n in shape)",
+      "return tuple(int(n) // 2 for n in shape)",
+      ["tests/test_mixing.py"] + method_tests("bcp"), "BCP cuboid sides 1/2 instead of 2/3"),
+    M("x3", "ssl_bench/mixing.py",
+      "int(torch.randint(0, int(n) - side, (1,)",
+      "int(torch.randint(0, int(n) - side + 1, (1,)",
+      ["tests/test_mixing.py"] + method_tests("bcp"), "BCP cuboid origin bound made inclusive"),
+    M("x4", "ssl_bench/mixing.py",
+      "fg = torch.softmax(logits.float(), dim=1)[:, 1] >= 0.5",
+      "fg = torch.softmax(logits.float(), dim=1)[:, 1] > 0.5",
+      ["tests/test_mixing.py"] + method_tests("bcp"), "pseudo-label excludes probability exactly 0.5"),
+
+    # -- evaluation and metrics (METHODS.md §2) ----------------------------------------------------
+    M("q1", "ssl_bench/metrics.py",
+      '"hd95": float(np.percentile(np.hstack((d_rg, d_gr)), 95)),',
+      '"hd95": float(np.percentile(np.hstack((d_rg, d_gr)), 90)),',
+      METRICS, "HD95 at the 90th percentile"),
+    M("q2", "ssl_bench/metrics.py",
+      '"asd": float(d_rg.mean()),',
+      '"asd": float(d_gr.mean()),',
+      METRICS, "ASD in the reference->prediction direction"),
+    M("q3", "ssl_bench/metrics.py",
+      "diag = float(math.sqrt(sum(int(s) ** 2 for s in r.shape)))",
+      "diag = 0.0",
+      METRICS, "empty prediction scored with zero distances under the penalty policy"),
+    M("q4", "ssl_bench/metrics.py",
+      '"jaccard": _jaccard_from_counts(inter, n_union),',
+      '"jaccard": _jaccard_from_counts(inter, n_r + n_g),',
+      METRICS, "Jaccard over the sum instead of the union"),
+    M("q5", "ssl_bench/postprocess.py",
+      "structure=np.ones((3,) * m.ndim, dtype=bool)",
+      "structure=None",
+      METRICS, "LCC with 6- instead of 26-connectivity"),
+    M("q6", "ssl_bench/evaluate.py",
+      "n = math.ceil((size - patch) / stride) + 1",
+      "n = (size - patch) // stride + 1",
+      METRICS, "sliding window misses the last window"),
+    M("q7", "ssl_bench/evaluate.py",
+      's[m + "_std"] = float(vals.std())',
+      's[m + "_std"] = float(vals.std(ddof=1))',
+      METRICS, "per-run std over cases with n-1"),
+
+    # -- occlusion boxes (METHODS.md §3.7.8) -------------------------------------------------------
+    M("o1", "ssl_bench/occlusion.py",
+      "round(ratio * 1_000_000), repeat, case_key])",
+      "round(ratio * 1_000_000), repeat])",
+      OCCLUSION, "the same box for every case"),
+    M("o2", "ssl_bench/occlusion.py",
+      "math.floor(d * proportion ** (1.0 / 3.0) + 0.5)",
+      "math.floor(d * proportion ** 0.5 + 0.5)",
+      OCCLUSION, "box sides from the square root of the proportion"),
+    M("o3", "ssl_bench/occlusion.py",
+      "origin = [int(rng.integers(0, d - s + 1)) for d, s in zip(shape, side)]",
+      "origin = [int(rng.integers(0, d - s)) for d, s in zip(shape, side)]",
+      OCCLUSION, "box never touches the far border"),
+
+    # -- report statistics and what a report may read ----------------------------------------------
+    M("r1", "ssl_bench/report.py",
+      'return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else float("nan")\n\n\ndef last_stats',
+      'return float(arr.mean()), float(arr.std(ddof=0)) if len(arr) > 1 else float("nan")\n\n\ndef last_stats',
+      REPORT, "std over seeds with n instead of n-1"),
+    M("r2", "ssl_bench/report.py",
+      'return pd.concat(frames).groupby("case")["dice"].mean()',
+      'return pd.concat(frames).groupby("case")["dice"].max()',
+      REPORT, "per-case Dice takes the best seed instead of the mean"),
+    M("r3", "ssl_bench/report.py",
+      "res = wilcoxon(a[common].values, b[common].values)",
+      "res = wilcoxon(a[common].values - 0.01, b[common].values)",
+      REPORT, "paired test on shifted values"),
+    M("s1", "ssl_bench/sweep.py",
+      "            if diff:\n                problems.append(f\"{out} is not this cell",
+      "            if False:\n                problems.append(f\"{out} is not this cell",
+      SWEEP, "a finished folder with other settings counted as the cell"),
+]
+
+
+# -- running ----------------------------------------------------------------------------------------
+
+def _copy_tree(dst: Path) -> None:
+    """The work tree as it is (tracked and untracked files, not ignored ones) into ``dst``."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                             capture_output=True).stdout.decode()
+        files = [f for f in out.split("\0") if f]
+    except (OSError, subprocess.CalledProcessError):
+        skip = {".git", ".ci-venv", "runs", "__pycache__", ".pytest_cache"}
+        files = [str(p.relative_to(REPO)) for p in REPO.rglob("*")
+                 if p.is_file() and not skip & set(p.relative_to(REPO).parts)]
+    for rel in files:
+        src = REPO / rel
+        if not src.is_file():
+            continue  # deleted but still tracked
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+
+
+def _env(copy: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(copy) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    if not env.get("SSL_BENCH_DATA"):  # the copy has no ../shared beside it
+        shared = REPO.parent / "shared" / "data" / "LA"
+        if (shared / "train.list").is_file():
+            env["SSL_BENCH_DATA"] = str(shared)
+    return env
+
+
+def _pytest(copy: Path, tests: list[str], timeout: float, first_failure: bool = True) -> tuple[str, float, str]:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-x"] if first_failure else []),
+           *tests]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=copy, env=_env(copy), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.perf_counter() - t0, ""
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+    outcome = {0: "passed", 1: "failed"}.get(proc.returncode, f"error {proc.returncode}")
+    return outcome, time.perf_counter() - t0, tail
+
+
+def check_definitions(mutants) -> list[str]:
+    problems = []
+    ids = [m.id for m in mutants]
+    if len(set(ids)) != len(ids):
+        problems.append("duplicate mutant ids")
+    for m in mutants:
+        path = REPO / m.path
+        if not path.is_file():
+            problems.append(f"{m.id}: no file {m.path}")
+            continue
+        n = path.read_text().count(m.find)
+        if n != 1:
+            problems.append(f"{m.id}: its text occurs {n} times in {m.path} (must be exactly once)")
+        for t in m.tests:
+            if not (REPO / t).is_file():
+                problems.append(f"{m.id}: no test file {t}")
+    return problems
+
+
+def run_mutant(m: Mutant, copy: Path, tests: list[str], timeout: float) -> dict:
+    path = copy / m.path
+    original = path.read_text()
+    try:
+        mutated = original.replace(m.find, m.replace, 1)
+        try:
+            compile(mutated, str(path), "exec")
+        except SyntaxError as exc:
+            return {"id": m.id, "status": "invalid", "detail": f"{type(exc).__name__}: {exc}"}
+        path.write_text(mutated)
+        outcome, seconds, tail = _pytest(copy, tests, timeout)
+    finally:
+        path.write_text(original)
+    status = {"failed": "killed", "passed": "survived"}.get(outcome, outcome)
+    if outcome == "timeout":
+        status = "killed (timeout)"
+    return {"id": m.id, "status": status, "seconds": round(seconds, 1), "file": m.path, "why": m.why,
+            "tests": tests, "detail": tail if status != "killed" else ""}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--only", help="comma-separated mutant ids")
+    ap.add_argument("-j", "--jobs", type=int, default=2, help="mutants run in parallel (default 2)")
+    ap.add_argument("--all-tests", action="store_true", help="run the whole suite against each mutant")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant (a timeout counts as killed)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the run on the unmodified copy")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+
+    mutants = MUTANTS
+    if args.only:
+        wanted = [s.strip() for s in args.only.split(",") if s.strip()]
+        unknown = [w for w in wanted if w not in {m.id for m in MUTANTS}]
+        if unknown:
+            print(f"unknown mutant id {unknown[0]!r}", file=sys.stderr)
+            return 2
+        mutants = [m for m in MUTANTS if m.id in wanted]
+    if args.list:
+        for m in mutants:
+            print(f"{m.id:4s} {m.path:24s} {m.why}\n     tests: {' '.join(m.tests)}")
+        print(f"{len(mutants)} mutants")
+        return 0
+    problems = check_definitions(mutants)
+    if problems:
+        for p in problems:
+            print(f"mutant list error: {p}", file=sys.stderr)
+        return 2
+
+    def tests_of(m: Mutant) -> list[str]:
+        return ["tests"] if args.all_tests else list(m.tests)
+
+    jobs = max(1, args.jobs)
+    with tempfile.TemporaryDirectory(prefix="ssl-bench-mutants-") as tmp:
+        copies = [Path(tmp) / f"w{i}" for i in range(jobs)]
+        for c in copies:
+            _copy_tree(c)
+        t_start = time.perf_counter()
+        if not args.no_baseline:
+            union = ["tests"] if args.all_tests else sorted({t for m in mutants for t in m.tests})
+            outcome, seconds, tail = _pytest(copies[0], union, args.timeout * 4, first_failure=False)
+            print(f"baseline ({len(union)} test files, unmodified): {outcome} in {seconds:.0f} s", flush=True)
+            if outcome != "passed":
+                print(tail, file=sys.stderr)
+                print("the tests fail without any mutation; fix them first", file=sys.stderr)
+                return 2
+        free = list(copies)
+        results = []
+
+        def work(m: Mutant) -> dict:
+            copy = free.pop()
+            try:
+                return run_mutant(m, copy, tests_of(m), args.timeout)
+            finally:
+                free.append(copy)
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for r in pool.map(work, mutants):
+                results.append(r)
+                extra = f"  <- {r['detail']}" if r["status"] not in ("killed",) and r.get("detail") else ""
+                print(f"{r['id']:4s} {r['status']:16s} {r.get('seconds', 0):6.1f} s  {r.get('why', '')}{extra}",
+                      flush=True)
+        total = time.perf_counter() - t_start
+    killed = [r for r in results if r["status"].startswith("killed")]
+    invalid = [r for r in results if r["status"] == "invalid"]
+    survived = [r for r in results if r not in killed and r not in invalid]
+    print(f"mutation score: {len(killed)}/{len(results)} killed, {len(survived)} survived, "
+          f"{len(invalid)} invalid, {total:.0f} s")
+    for r in survived:
+        print(f"  SURVIVED {r['id']} ({r['file']}): {r['why']}")
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "killed": len(killed), "total": len(results),
+                                         "seconds": round(total, 1)}, indent=1) + "\n")
+    if invalid:
+        return 2
+    return 0 if not survived else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
