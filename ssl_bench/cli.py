@@ -103,10 +103,9 @@ def _print_summary(summary: dict, out: Path) -> None:
 @click.option("--quiet", is_flag=True)
 def eval_cmd(run_dir, data_dir, device, quiet):
     """Re-evaluate a finished run folder (rewrites metrics_per_case.csv and summary.json atomically)."""
-    from .trainer import load_run
+    from .trainer import evaluate_run
 
-    trainer = load_run(run_dir, data_dir, device, progress=not quiet)
-    _print_summary(trainer.evaluate(), run_dir)
+    _print_summary(evaluate_run(run_dir, data_dir, device, progress=not quiet), run_dir)
 
 
 @cli.command("methods")

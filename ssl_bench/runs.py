@@ -1,10 +1,21 @@
-"""Self-describing run folders: atomic writes and provenance (versions, commit, command, date)."""
+"""Self-describing run folders: atomic writes, safe loading, one writer per folder, provenance.
+
+Everything a run folder holds is data, never code: checkpoints and stage files are loaded with
+``torch.load(weights_only=True)`` (tensors, numbers, strings, lists, dicts), so a crafted file is
+refused instead of executed. A damaged file gives one line naming it and what to do (UserError).
+A folder being written is locked (``fcntl.flock`` on ``DIR/.lock``); the operating system drops the
+lock when its holder dies, so a killed run never blocks its own resume.
+"""
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import fcntl
 import json
 import os
+import pickle
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -19,44 +30,175 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder and rename: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+    def write(tmp):
+        with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` into a temporary file beside ``path`` (same suffix), then rename it over ``path``."""
+def _write_error(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write (torch wraps its file writer's errors in a RuntimeError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class WriteError(UserError):
+    """A write that failed (a full disk, a quota, a read-only folder); the file it was to replace is unchanged."""
+
+    def __init__(self, path: Path, cause: OSError):
+        self.path, self.reason = Path(path), cause.strerror or str(cause)
+        super().__init__(f"cannot write {path} ({self.reason}); the file was not changed: free space (or fix the "
+                         f"file system) and try again")
+
+
+def atomic_write(path: Path, write, replace: bool = True) -> str | None:
+    """``write(tmp_path)`` into a temporary file beside ``path`` (same suffix), then rename it over ``path``.
+
+    A failing write (a full disk, a quota) removes the temporary file, leaves ``path`` as it was and
+    raises a UserError saying so. With ``replace=False`` the written temporary file is returned
+    instead of renamed (the caller renames it; see :func:`save_checkpoint`).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise WriteError(path, exc) from None
     try:
         write(tmp)
+        if not replace:
+            return tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = _write_error(exc)
+        if cause is not None and not isinstance(exc, UserError):
+            raise WriteError(path, cause) from None
         raise
+    _fsync_dir(path.parent)
+    return None
+
+
+def _torch_save_synced(obj, tmp: str) -> None:
+    import torch
+
+    with open(tmp, "wb") as f:  # a Python file: a failing write surfaces as an OSError (errno), not a bare torch error
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_torch_save(obj, path: Path) -> None:
+    atomic_write(path, lambda tmp: _torch_save_synced(obj, tmp))
+
+
+#: the checkpoint generations of a run in progress: the newest, and the one before it
+LAST, PREVIOUS = "last.pt", "previous.pt"
+
+
+def save_checkpoint(obj, folder: Path) -> None:
+    """Write ``folder/last.pt``, keeping the checkpoint it replaces as ``folder/previous.pt``.
+
+    The new file is written and synced completely before anything is renamed, so a failing write
+    leaves both generations as they were; a crash between the two renames leaves ``previous.pt``
+    (and :func:`load_checkpoint` falls back to it).
+    """
+    folder = Path(folder)
+    last = folder / LAST
+    try:
+        tmp = atomic_write(last, lambda t: _torch_save_synced(obj, t), replace=False)
+    except WriteError as exc:
+        kept = "the previous checkpoint is intact" if last.is_file() else "nothing was changed"
+        raise UserError(f"checkpoint not written: cannot write {last} ({exc.reason}); {kept}: free space (or fix "
+                        f"the file system) and continue with --resume") from None
+    try:
+        if last.is_file():
+            os.replace(last, folder / PREVIOUS)
+        os.replace(tmp, last)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise UserError(f"checkpoint not written: cannot rename in {folder} ({exc.strerror or exc}); fix the "
+                        f"file system and continue with --resume") from None
+    _fsync_dir(folder)
+
+
+class DamagedFileError(UserError):
+    """A checkpoint or stage file that cannot be read (truncated, corrupt, missing, not what it should hold)."""
+
+    def __init__(self, path: Path, reason: str, what_to_do: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path} is damaged ({reason}); {what_to_do}")
+
+
+class UnsafeFileError(UserError):
+    """A checkpoint or stage file that asks to run code when loaded; refused, never a reason to fall back."""
+
+
+def load_torch(path: Path, what_to_do: str, kind: str = "file") -> dict:
+    """``torch.load(weights_only=True)`` of a checkpoint or stage file: a dict of plain data, or one UserError.
+
+    Never runs code from the file: a pickle asking for anything but tensors, numbers, strings, lists
+    and dicts is refused. A truncated or corrupt file names itself and ``what_to_do``.
+    """
     import torch
 
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        # what the weights-only unpickler refuses because it would import or call something (not mere damage)
+        found = re.search(r"(?:Unsupported global|unsupported GLOBAL|Trying to call reduce|Can only create new object"
+                          r"|Can only build)[^\n]*", text)
+        if found:
+            detail = re.sub(r" (?:was not an allowed global|whose module).*", "", found.group(0))
+            detail = detail.replace("GLOBAL ", "").replace("Trying to load ", "")
+            raise UnsafeFileError(f"refusing to load {path}: it is not a plain {kind} ({detail}) and loading it "
+                                  f"could run code; only open run folders from trusted sources, and {what_to_do}") from None
+        raise _damaged(path, exc, what_to_do) from None
+    except Exception as exc:  # truncated zip, bad magic number, EOF, I/O error, ...
+        raise _damaged(path, exc, what_to_do) from None
+    if not isinstance(obj, dict):
+        raise DamagedFileError(path, f"it holds a {type(obj).__name__}, not a {kind}", what_to_do)
+    return obj
+
+
+def _damaged(path: Path, exc: BaseException, what_to_do: str) -> UserError:
+    if isinstance(exc, FileNotFoundError):
+        return UserError(f"missing file: {path}; {what_to_do}")
+    text = str(exc)
+    inner = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)  # torch's own words come after its advice
+    reason = inner.group(1) if inner else (text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
+    reason = reason.split(". ")[0].rstrip(".")  # torch's first sentence; the rest is advice for its developers
+    return DamagedFileError(path, f"truncated or corrupt: {reason[:160]}", what_to_do)
 
 
 def atomic_savefig(fig, path: Path, dpi: int = 150) -> None:
@@ -75,14 +217,36 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def read_json(path: Path):
+#: what to do about a damaged run-folder JSON file, and the keys it must have
+_RUN_JSON = {
+    "config.json": ("it cannot be rebuilt: restore it from a copy of the run folder, or retrain the run with "
+                    "`ssl-bench run ... --overwrite`", ("config",)),
+    "summary.json": ("delete it and run `ssl-bench eval` on the run folder to rewrite it (its training timings are "
+                     "lost)", ("metrics",)),
+}
+
+
+def read_json(path: Path, what_to_do: str | None = None):
+    """A JSON file; a missing or damaged one is one UserError naming it (and, for run files, what to do)."""
     path = Path(path)
+    hint, keys = _RUN_JSON.get(path.name, ("restore it from a copy or re-create it", ()))
+    hint = what_to_do or hint
     if not path.is_file():
         raise UserError(f"missing file: {path}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})") from None
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+        raise UserError(f"{path} is damaged (not valid JSON: {reason}); {hint}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror or exc}); {hint}") from None
+    if path.name in _RUN_JSON:
+        if not isinstance(obj, dict):
+            raise UserError(f"{path} is damaged (a JSON {type(obj).__name__}, not an object); {hint}")
+        missing = [k for k in keys if not isinstance(obj.get(k), dict)]
+        if missing:
+            raise UserError(f"{path} is damaged (no {missing[0]!r} section); {hint}")
+    return obj
 
 
 def git_commit() -> dict:
@@ -132,8 +296,94 @@ def provenance() -> dict:
     }
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """An existing run folder is only reused with --resume or replaced with --overwrite."""
+# ---------------------------------------------------------------------------------- one writer
+
+LOCK_NAME = ".lock"
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``FOLDER/.lock`` (released on exit, or by the OS when the process dies)."""
+
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self.fd)
+                self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _busy(folder: Path, path: Path, busy: str | None = None) -> UserError:
+    try:
+        holder = path.read_text().strip().splitlines()[0]
+    except (OSError, IndexError, UnicodeDecodeError):
+        holder = "holder unknown"
+    busy = busy or f"{folder} is being written by another process"
+    return UserError(f"{busy} ({holder}); wait for it to finish or stop it, then try again")
+
+
+def lock_folder(folder: Path, name: str = LOCK_NAME, busy: str | None = None) -> FolderLock:
+    """Take the one-writer lock of ``folder`` (which must exist), or raise a UserError if a live process holds it.
+
+    ``busy`` words the refusal (default: "FOLDER is being written by another process").
+    """
+    folder = Path(folder)
+    path = folder / name
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(f"cannot create the lock file {path} ({exc.strerror or exc}); the folder must be writable") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise _busy(folder, path, busy) from None
+        raise UserError(f"cannot lock {path} ({exc.strerror or exc}); this file system does not support "
+                        f"locks, so ssl-bench cannot make sure that one process writes the folder") from None
+    try:
+        os.ftruncate(fd, 0)
+        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        os.write(fd, f"pid {os.getpid()} on {platform.node()} since {stamp}\n".encode())
+    except OSError:
+        pass  # the note is informative only; the lock is what counts
+    return FolderLock(fd, path)
+
+
+def refuse_if_locked(folder: Path, name: str = LOCK_NAME) -> None:
+    """Raise the "being written" UserError if a live process holds ``folder``'s lock; never creates a file."""
+    path = Path(folder) / name
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise _busy(Path(folder), path) from None
+    finally:
+        os.close(fd)  # closing drops a lock taken here
+
+
+def _has_content(folder: Path) -> bool:
+    return any(p.name != LOCK_NAME for p in folder.iterdir())
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> FolderLock:
+    """An existing run folder is only reused with --resume or replaced with --overwrite, and by one process at a time.
+
+    Returns the folder's lock, held by the caller while it writes (``with prepare_run_dir(...):``).
+    """
     out = Path(out)
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
@@ -142,9 +392,27 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if not (out / "config.json").is_file():
             raise UserError(f"nothing to resume: {out} has no config.json")
-        return
-    if out.exists() and any(out.iterdir()):
+        return lock_folder(out)
+    if out.exists() and _has_content(out):
         if not overwrite:
+            refuse_if_locked(out)
             raise UserError(f"output folder {out} already exists; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(out)
+        lock = lock_folder(out)  # never empties a folder that a live process is writing
+        try:
+            for p in out.iterdir():
+                if p.name == LOCK_NAME:
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        except BaseException:
+            lock.release()
+            raise
+        return lock
     out.mkdir(parents=True, exist_ok=True)
+    lock = lock_folder(out)
+    if _has_content(out):  # another process wrote it between our check and our lock
+        lock.release()
+        raise UserError(f"output folder {out} already exists; pass --resume to continue it or --overwrite to replace it")
+    return lock

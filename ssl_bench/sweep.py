@@ -29,17 +29,28 @@ import os
 import platform
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
 
 from .errors import UserError
 from .experiments import Cell, load_experiment, same_run, wave_index
-from .runs import atomic_write_json, read_json
+from .runs import atomic_write_json, lock_folder, read_json
 
 ATTEMPT = "attempt "
 ERROR = "error: "
 SWEEP_START = "== sweep "
+
+
+def lock_sweeps(runs_dir: Path):
+    """The one-sweep lock of a runs folder (a live sweep holding it: one-line UserError)."""
+    folder = Path(runs_dir) / "_sweeps"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {folder} ({exc.strerror or exc})") from None
+    return lock_folder(folder, busy=f"another sweep is running on {runs_dir}")
 
 
 def sweep_dir(runs_dir: Path, experiment: str) -> Path:
@@ -211,49 +222,52 @@ def run_sweep(experiment, data_dir=None, runs_dir="runs", gpus_per_trial: float 
         raise UserError(f"--max-failures must be 0 or more, got {max_failures}")
     exp = load_experiment(experiment)
     runs_dir = Path(runs_dir).resolve()
-    cells = exp.plan()
-    todo, complete = classify(cells, runs_dir, gpus_per_trial, resume)
-    n_implicit = sum(c.implicit for c in cells)
-    echo(f"sweep {exp.name}: {len(cells)} cells ({n_implicit} stage-1 providers added), "
-         f"{len(complete)} complete, {len(todo)} to run; runs in {runs_dir}")
-    state_dir = sweep_dir(runs_dir, exp.name)
-    status = {c.id: {"state": "skipped", "attempts": 0, "error": None, "implicit": c.implicit, "teacher": c.teacher,
-                     "run_dir": str(c.run_dir(runs_dir))} for c in cells}
-    for c in todo:
-        status[c.id].update(state="pending")
-    if dry_run:
-        for c in cells:
-            echo(f"  {status[c.id]['state']:8s} {c.id}" + (f"  (stage 1 from {c.teacher})" if c.teacher else ""))
-        return status
-    data_root = str(Path(LAData(data_dir).root).resolve())
+    # one sweep per runs folder at a time (two would train the same cells into the same folders); the lock
+    # lives in <runs-dir>/_sweeps/.lock and is dropped by the operating system if this driver dies
+    with (nullcontext() if dry_run else lock_sweeps(runs_dir)):
+        cells = exp.plan()
+        todo, complete = classify(cells, runs_dir, gpus_per_trial, resume)
+        n_implicit = sum(c.implicit for c in cells)
+        echo(f"sweep {exp.name}: {len(cells)} cells ({n_implicit} stage-1 providers added), "
+             f"{len(complete)} complete, {len(todo)} to run; runs in {runs_dir}")
+        state_dir = sweep_dir(runs_dir, exp.name)
+        status = {c.id: {"state": "skipped", "attempts": 0, "error": None, "implicit": c.implicit, "teacher": c.teacher,
+                         "run_dir": str(c.run_dir(runs_dir))} for c in cells}
+        for c in todo:
+            status[c.id].update(state="pending")
+        if dry_run:
+            for c in cells:
+                echo(f"  {status[c.id]['state']:8s} {c.id}" + (f"  (stage 1 from {c.teacher})" if c.teacher else ""))
+            return status
+        data_root = str(Path(LAData(data_dir).root).resolve())
 
-    def save_status() -> None:  # after planning and after every wave: a killed driver leaves it current
-        atomic_write_json(state_dir / "status.json", {
-            "experiment": exp.name, "file": str(exp.path), "data": data_root,
-            "updated": _dt.datetime.now().isoformat(timespec="seconds"), "cells": status})
+        def save_status() -> None:  # after planning and after every wave: a killed driver leaves it current
+            atomic_write_json(state_dir / "status.json", {
+                "experiment": exp.name, "file": str(exp.path), "data": data_root,
+                "updated": _dt.datetime.now().isoformat(timespec="seconds"), "cells": status})
 
-    if todo:
+        if todo:
+            save_status()
+            started = _start_ray(address)
+            try:
+                _check_resources(gpus_per_trial, cpus_per_trial)
+                _run_waves(exp.name, todo, cells, status, runs_dir, state_dir, data_root, gpus_per_trial,
+                           cpus_per_trial, max_concurrent, max_failures, echo, save_status)
+            finally:
+                if started:
+                    import ray
+
+                    ray.shutdown()
         save_status()
-        started = _start_ray(address)
-        try:
-            _check_resources(gpus_per_trial, cpus_per_trial)
-            _run_waves(exp.name, todo, cells, status, runs_dir, state_dir, data_root, gpus_per_trial,
-                       cpus_per_trial, max_concurrent, max_failures, echo, save_status)
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
-    save_status()
-    failed = [cid for cid, s in status.items() if s["state"] == "failed"]
-    for cid, s in status.items():
-        echo(f"  {s['state']:8s} {cid}" + (f"  ({s['error']})" if s["error"] else ""))
-    if failed:
-        first = status[failed[0]]
-        raise UserError(f"{len(failed)} of {len(cells)} cells failed, e.g. {failed[0]}: {first['error']} "
-                        f"(logs in {state_dir / 'logs'})")
-    echo(f"sweep {exp.name}: all {len(cells)} cells complete")
-    return status
+        failed = [cid for cid, s in status.items() if s["state"] == "failed"]
+        for cid, s in status.items():
+            echo(f"  {s['state']:8s} {cid}" + (f"  ({s['error']})" if s["error"] else ""))
+        if failed:
+            first = status[failed[0]]
+            raise UserError(f"{len(failed)} of {len(cells)} cells failed, e.g. {failed[0]}: {first['error']} "
+                            f"(logs in {state_dir / 'logs'})")
+        echo(f"sweep {exp.name}: all {len(cells)} cells complete")
+        return status
 
 
 def _run_waves(name, todo, cells, status, runs_dir, state_dir, data_root, gpus, cpus, max_concurrent,

@@ -1,10 +1,13 @@
 """The one training loop for every method, and the run folder it writes.
 
-Run folder (self-describing)::
+Run folder (self-describing; every file is plain data, loaded with ``weights_only=True``)::
 
     config.json            every setting, the method's stage defaults, split, data checksums, provenance
     log.jsonl              one line per logged iteration: stage, iteration, lr, losses, it/s
     checkpoints/last.pt    full state for --resume (weights, optimisers, RNG and sampler state)
+    checkpoints/previous.pt  the checkpoint before it, kept while the run is in progress (a damaged
+                           last.pt falls back to it); removed when the run finishes
+    .lock                  the one-writer lock (fcntl.flock) of run, --resume and eval
     stages/stageK.pt       the weights a stage hands on (last, or best-on-test under `literature`)
     metrics_per_case.csv   per test case and post-processing (raw, lcc): dice, jaccard, hd95, asd, empty
     summary.json           means ± std, protocol, selected checkpoints, empty counts, timings
@@ -14,8 +17,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -29,7 +34,8 @@ from .errors import Interrupted, UserError
 from .evaluate import EvalSettings, evaluate_cases, mean_dice, summarize
 from .method import StageContext, get_method
 from .progress import Progress
-from .runs import atomic_torch_save, atomic_write_json, atomic_write_text, prepare_run_dir, provenance, read_json
+from .runs import (LAST, PREVIOUS, DamagedFileError, atomic_torch_save, atomic_write_json, atomic_write_text,
+                   load_torch, lock_folder, prepare_run_dir, provenance, read_json, save_checkpoint)
 
 PROTOCOLS = ("honest", "literature")
 
@@ -117,6 +123,36 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _notice(text: str) -> None:
+    print(f"ssl-bench: {text}", file=sys.stderr, flush=True)
+
+
+#: what a checkpoint and a stage file must hold
+CHECKPOINT_KEYS = ("stage", "iteration", "nets", "optimizers", "stream", "torch_rng")
+STAGE_KEYS = ("weights", "iteration", "selection")
+RETRAIN = "retrain the run (`ssl-bench run ... --overwrite`) or restore the file from a copy of the run folder"
+
+
+def _require(obj: dict, keys, path: Path, what_to_do: str, kind: str) -> dict:
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise DamagedFileError(path, f"not a {kind}: no {missing[0]!r}", what_to_do)
+    return obj
+
+
+def load_stage_file(path: Path, what_to_do: str = RETRAIN) -> dict:
+    """A stage file (the weights a stage hands on), loaded as plain data; one UserError if unsafe or damaged."""
+    handed = load_torch(path, what_to_do, kind="stage file")
+    _require(handed, STAGE_KEYS, path, what_to_do, "stage file")
+    if not isinstance(handed["weights"], dict):
+        raise DamagedFileError(path, "its weights are not a state dict", what_to_do)
+    return handed
+
+
+def load_checkpoint_file(path: Path, what_to_do: str) -> dict:
+    return _require(load_torch(path, what_to_do, kind="checkpoint"), CHECKPOINT_KEYS, path, what_to_do, "checkpoint")
+
+
 class _StopRequest:
     """Ctrl-C asks the loop to stop at the next iteration boundary (a second Ctrl-C interrupts at once)."""
 
@@ -156,6 +192,8 @@ class Trainer:
         if unknown:
             raise UserError(f"{cfg.method} has no option {unknown[0]!r}; its options: {', '.join(sorted(known)) or 'none'}")
         self.stages = [cls(self.ctx) for cls in self.spec.stages]
+        self._sums: dict[str, str] = {}  # sha256 of the data files, computed once
+        self._teacher: dict | None = None  # the validated stage 1 of --teacher
 
     # -- folder ---------------------------------------------------------------------------
     def stage_iterations(self, k: int) -> int:
@@ -170,27 +208,86 @@ class Trainer:
                            "literature_selection": st.literature_selection})
         return {"name": self.spec.name, "summary": self.spec.summary, "stages": stages}
 
+    def used_ids(self) -> list[str]:
+        return list(self.split.labeled) + list(self.split.unlabeled) + list(self.test_ids)
+
+    def data_sums(self, ids) -> dict[str, str]:
+        todo = [i for i in ids if i not in self._sums]
+        if todo:
+            self._sums.update(self.data.checksums(todo))
+        return {i: self._sums[i] for i in ids}
+
+    def check_data(self, recorded, ids, where: str, what_to_do: str) -> None:
+        """The data files read now must be the ones whose sha256 ``recorded`` holds (config.json's data.sha256)."""
+        recorded = recorded if isinstance(recorded, dict) else {}
+        ids = [i for i in ids if i in recorded]
+        current = self.data_sums(ids)
+        for case in ids:
+            if current[case] != recorded[case]:
+                raise UserError(f"data changed: case {case} ({self.data.case_path(case)}) differs from the file {where} "
+                                f"(sha256 in its config.json); {what_to_do}")
+
     def write_config(self) -> None:
-        used = list(self.split.labeled) + list(self.split.unlabeled) + list(self.test_ids)
+        used = self.used_ids()
         cfg_json = self.cfg.to_json()
         atomic_write_json(self.out / "config.json", {
             "config": cfg_json,
             "method": self.describe(),
             "split": {"labeled": list(self.split.labeled), "n_unlabeled": len(self.split.unlabeled),
                       "unlabeled": list(self.split.unlabeled), "test": self.test_ids},
-            "data": {"root": str(self.data.root), "sha256": self.data.checksums(used),
+            "data": {"root": str(self.data.root), "sha256": self.data_sums(used),
                      "listed_sha256_file": self.data.listed_sums() is not None},
             "provenance": provenance(),
         })
 
     def check_resumable(self) -> None:
-        stored = read_json(self.out / "config.json")["config"]
+        config = read_json(self.out / "config.json")
+        stored = config["config"]
         mine = self.cfg.to_json()
         # the device may change (e.g. a sweep resumed on other hardware); everything that defines the run may not
         diff = [k for k in mine if k != "device" and stored.get(k) != mine[k]]
         if diff:
             k = diff[0]
             raise UserError(f"cannot resume {self.out}: setting {k!r} was {stored.get(k)!r}, now {mine[k]!r}")
+        self.check_data((config.get("data") or {}).get("sha256"), self.used_ids(), f"{self.out.name} was trained on",
+                        "resume with --data pointing at the data it was trained on")
+
+    def load_checkpoint(self) -> dict | None:
+        """The newest readable checkpoint generation (None: none written yet); says which one it used.
+
+        A damaged ``last.pt`` falls back to ``previous.pt`` and is kept aside as ``last.pt.damaged``; a
+        file that would run code is refused outright.
+        """
+        folder = self.out / "checkpoints"
+        last, prev = folder / LAST, folder / PREVIOUS
+        restart = ("move it away to restart the interrupted stage from its beginning, or start over with "
+                   "`ssl-bench run ... --overwrite`")
+        damaged = None
+        if last.is_file():
+            try:
+                hint = restart if prev.is_file() else f"there is no earlier checkpoint: {restart}"
+                state = load_checkpoint_file(last, hint)
+            except DamagedFileError as exc:
+                if not prev.is_file():
+                    raise
+                damaged = exc
+            else:
+                _notice(f"resuming from checkpoints/{LAST} (stage {state['stage'] + 1}, iteration {state['iteration']})")
+                return state
+        if not prev.is_file():
+            return None
+        try:
+            state = load_checkpoint_file(prev, restart)
+        except DamagedFileError as exc:
+            if damaged is None:
+                raise UserError(f"{exc} (and {last} is missing)") from None
+            raise UserError(f"both checkpoints of {self.out} are damaged: {LAST} ({damaged.reason}) and {PREVIOUS} "
+                            f"({exc.reason}); {restart.replace('move it away', 'move both away')}") from None
+        if damaged is not None:
+            os.replace(last, folder / f"{LAST}.damaged")  # the next checkpoint must not push the good one out
+        why = f"{LAST} is damaged, kept as checkpoints/{LAST}.damaged" if damaged is not None else f"{LAST} is missing"
+        _notice(f"{why}; resuming from checkpoints/{PREVIOUS} (stage {state['stage'] + 1}, iteration {state['iteration']})")
+        return state
 
     # -- training -------------------------------------------------------------------------
     def run(self, resume: bool = False, stop_at: tuple[int, int] | None = None) -> dict:
@@ -198,8 +295,7 @@ class Trainer:
         state = None
         if resume:
             self.check_resumable()
-            if (self.out / "checkpoints" / "last.pt").is_file():
-                state = torch.load(self.out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+            state = self.load_checkpoint()
         else:
             self.write_config()
         self._truncate_log(state)
@@ -210,22 +306,29 @@ class Trainer:
         for k in range(len(self.stages)):
             final = self.out / "stages" / f"stage{k + 1}.pt"
             if final.is_file() and (state is None or state["stage"] > k):
-                previous = torch.load(final, map_location="cpu", weights_only=False)
+                previous = load_stage_file(final)
                 continue
             stage_state = state if state is not None and state["stage"] == k else None
             previous = self.train_stage(k, previous, stage_state, timings, stop_at)
             state = None
-        return self.evaluate(timings)
+        summary = self.evaluate(timings)
+        # finished: last.pt and the stage files are all that --resume, eval and --teacher need
+        (self.out / "checkpoints" / PREVIOUS).unlink(missing_ok=True)
+        return summary
 
-    def adopt_teacher(self, run_dir: Path) -> None:
-        """Reuse stage 1 of another run (e.g. one `omf-s1` run feeding several stage-2 runs)."""
+    def teacher_stage1(self) -> dict:
+        """Stage 1 of ``--teacher``, checked (before this run writes anything): method, settings, data, plain file."""
+        if self._teacher is not None:
+            return self._teacher
+        run_dir = Path(self.cfg.teacher)
         if len(self.stages) < 2:
             raise UserError(f"--teacher needs a multi-stage method; {self.spec.name} has one stage")
         src = run_dir / "stages" / "stage1.pt"
         if not src.is_file():
             raise UserError(f"--teacher {run_dir}: no finished stage 1 (stages/stage1.pt)")
-        theirs = read_json(run_dir / "config.json")["config"]
-        handed = torch.load(src, map_location="cpu", weights_only=False)
+        config = read_json(run_dir / "config.json")
+        theirs = config["config"]
+        handed = load_stage_file(src, "retrain the teacher run or pass another --teacher")
         want = type(self.stages[0]).__name__
         if handed.get("stage_class") != want:
             raise UserError(f"--teacher {run_dir}: its stage 1 is {handed.get('stage_class')}, {self.spec.name} needs {want}")
@@ -233,6 +336,14 @@ class Trainer:
             mine = self.cfg.to_json()[key]
             if theirs.get(key) != mine:
                 raise UserError(f"--teacher {run_dir}: its {key} is {theirs.get(key)!r}, this run's is {mine!r}")
+        self.check_data((config.get("data") or {}).get("sha256"), self.used_ids(), f"--teacher {run_dir} was trained on",
+                        "pass --data with the data the teacher was trained on, or retrain the teacher")
+        self._teacher = handed
+        return handed
+
+    def adopt_teacher(self, run_dir: Path) -> None:
+        """Reuse stage 1 of another run (e.g. one `omf-s1` run feeding several stage-2 runs)."""
+        handed = dict(self.teacher_stage1())
         handed["adopted_from"] = str(run_dir)
         atomic_torch_save(handed, self.out / "stages" / "stage1.pt")
 
@@ -315,8 +426,7 @@ class Trainer:
                 opt.load_state_dict(state["optimizers"][name])
             stream.load_state_dict(state["stream"])
             torch.set_rng_state(state["torch_rng"])
-            if state.get("cuda_rng") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            self._restore_cuda_rng(state)
             start, best, elapsed_before = state["iteration"], state["best"], state["elapsed_s"]
             stage.load_extra_state(state.get("extra"))
         for opt in opts.values():
@@ -365,7 +475,7 @@ class Trainer:
         elapsed = elapsed_before + time.perf_counter() - t0
         timings[key] = {"train_s": round(elapsed, 3), "iterations": iters, "it_per_s": round(iters / elapsed, 4)}
         if selection and best["iteration"] is not None:
-            handed = torch.load(self.out / "checkpoints" / f"{key}_best.pt", map_location="cpu", weights_only=False)
+            handed = load_stage_file(self.out / "checkpoints" / f"{key}_best.pt")
             # the last weights are kept beside the test-selected ones, so both can be reported
             self._save_weights(stage, nets, self.out / "stages" / f"{key}_last.pt", iters, "last")
         else:
@@ -385,15 +495,28 @@ class Trainer:
         atomic_torch_save({"weights": self._weights(stage, nets), "iteration": iteration, "selection": selection}, path)
 
     def _save_state(self, k, done, stage, nets, opts, stream, best, elapsed, timings) -> None:
-        atomic_torch_save({
+        # plain data only (tensors, numbers, strings, lists, dicts): --resume loads it with weights_only=True
+        save_checkpoint({
             "stage": k, "iteration": done, "best": best, "elapsed_s": elapsed, "timings": dict(timings),
             "nets": {n: net.state_dict() for n, net in nets.items()},
             "optimizers": {n: o.state_dict() for n, o in opts.items()},
             "stream": stream.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "extra": stage.extra_state(),
-        }, self.out / "checkpoints" / "last.pt")
+        }, self.out / "checkpoints")
+
+    def _restore_cuda_rng(self, state) -> None:
+        """The generator of the run's own device only: a CPU run never opens a CUDA context."""
+        saved = state.get("cuda_rng")
+        if saved is None or self.device.type != "cuda":
+            return
+        if isinstance(saved, (list, tuple)):  # older checkpoints held every visible GPU's generator
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            if index < len(saved):
+                torch.cuda.set_rng_state(saved[index], self.device)
+            return
+        torch.cuda.set_rng_state(saved, self.device)
 
     def _selection_dice(self, stage, nets) -> float:
         rows, _ = evaluate_cases(stage.foreground_probability, nets[stage.trained], self.data, self.test_ids,
@@ -406,7 +529,7 @@ class Trainer:
         k = len(self.stages) - 1
         stage = self.stages[k]
         name = f"stage{k + 1}.pt" if which == "selected" else f"stage{k + 1}_last.pt"
-        handed = torch.load(self.out / "stages" / name, map_location="cpu", weights_only=False)
+        handed = load_stage_file(self.out / "stages" / name)
         torch.manual_seed(self.cfg.seed)
         net = stage.networks()[stage.trained]
         net.load_state_dict(handed["weights"])
@@ -424,10 +547,10 @@ class Trainer:
         return stage, handed, rows, eval_t, checkpoint
 
     def evaluate(self, timings: dict | None = None) -> dict:
-        stage, handed, rows, eval_t, checkpoint = self._evaluate_one("selected", "metrics_per_case.csv")
-        if timings is None:
+        if timings is None:  # read before anything is rewritten: a damaged summary.json stops here
             old = self.out / "summary.json"
             timings = read_json(old).get("timings", {}) if old.is_file() else {}
+        stage, handed, rows, eval_t, checkpoint = self._evaluate_one("selected", "metrics_per_case.csv")
         timings = dict(timings)
         timings["eval"] = {k: round(v, 3) for k, v in eval_t.items()}
         summary = {
@@ -468,19 +591,47 @@ def run_training(cfg: RunConfig, out: Path, data_dir=None, resume: bool = False,
     out = Path(out).resolve()
     trainer = Trainer(cfg, out, data, progress=progress)  # method, options, split, device: checked, nothing written
     data.check(trainer.split.labeled + trainer.split.unlabeled + trainer.split.test)
-    prepare_run_dir(out, resume=resume, overwrite=overwrite)
-    return trainer.run(resume=resume, stop_at=stop_at)
+    if cfg.teacher and not (resume and (out / "stages" / "stage1.pt").is_file()):
+        trainer.teacher_stage1()  # its method, settings, data and file, before this run writes anything
+    with prepare_run_dir(out, resume=resume, overwrite=overwrite):  # holds the folder's one-writer lock
+        return trainer.run(resume=resume, stop_at=stop_at)
 
 
 def load_run(run_dir: Path, data_dir=None, device: str | None = None, progress: bool = True) -> Trainer:
+    """A finished run folder, checked: its config, its data (sha256 of the test cases it reads), its stage files."""
     run_dir = Path(run_dir).resolve()
-    stored = read_json(run_dir / "config.json")
-    cfg = RunConfig.from_json(stored["config"])
+    config_path = run_dir / "config.json"
+    stored = read_json(config_path)
+    try:
+        cfg = RunConfig.from_json(stored["config"])
+        cfg.validate()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{config_path} is damaged (its config section: {type(exc).__name__}: {exc}); it cannot be "
+                        f"rebuilt: restore it from a copy of the run folder, or retrain the run") from None
     if device is not None:
         cfg = replace(cfg, device=device)
-    data = LAData(data_dir if data_dir is not None else stored["data"]["root"])
+    recorded = stored.get("data") if isinstance(stored.get("data"), dict) else {}
+    if data_dir is None and not recorded.get("root"):
+        raise UserError(f"{config_path} records no data root; pass --data")
+    data = LAData(data_dir if data_dir is not None else recorded["root"])
     trainer = Trainer(cfg, run_dir, data, progress=progress)
     last = len(trainer.stages)
     if not (run_dir / "stages" / f"stage{last}.pt").is_file():
         raise UserError(f"{run_dir} has no trained model yet (stages/stage{last}.pt); finish it with --resume")
+    trainer.check_data(recorded.get("sha256"), trainer.test_ids, f"{run_dir.name} was evaluated on",
+                       "pass --data with the data the run was trained on")
+    for name in (f"stage{last}.pt", f"stage{last}_last.pt"):  # unsafe or damaged: refused before anything is written
+        if name == f"stage{last}.pt" or (run_dir / "stages" / name).is_file():
+            load_stage_file(run_dir / "stages" / name)
     return trainer
+
+
+def evaluate_run(run_dir: Path, data_dir=None, device: str | None = None, progress: bool = True) -> dict:
+    """`ssl-bench eval`: re-evaluate a finished run folder, holding its one-writer lock."""
+    run_dir = Path(run_dir).resolve()
+    if not run_dir.is_dir():
+        raise UserError(f"run folder not found: {run_dir}")
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"missing file: {run_dir / 'config.json'} (is {run_dir} a run folder?)")
+    with lock_folder(run_dir):
+        return load_run(run_dir, data_dir, device, progress=progress).evaluate()

@@ -174,7 +174,7 @@ def test_reproduction_markdown(tmp_path):
 def test_minutes_include_a_reused_stage1(tmp_path):
     teacher = tmp_path / "teacher"
     teacher.mkdir()
-    (teacher / "summary.json").write_text(json.dumps({"timings": {"stage1": {"train_s": 120.0}}}))
+    (teacher / "summary.json").write_text(json.dumps({"metrics": {}, "timings": {"stage1": {"train_s": 120.0}}}))
     summary = {"timings": {"stage2": {"train_s": 60.0}, "eval": {"inference_s": 30.0, "metrics_s": 30.0}}}
     assert run_minutes(summary, {"config": {"teacher": str(teacher)}}) == pytest.approx(4.0)
     assert run_minutes(summary, {"config": {"teacher": None}}) == pytest.approx(2.0)
