@@ -23,8 +23,9 @@ dropout. Per iteration, batch 2 labeled + 2 unlabeled, network in train mode (§
    The labeled CE is computed and logged, not added.
 
 Memory weights (option ``ssnet_memory_weights``): the reference rescales σ(s^mem_c(k)) "to mean 1"
-over a transposed (1, N) tensor, so each weight is divided by itself and every v_j is exactly 1
-(the memory selector never gets a useful gradient). ``"code"`` (default) reproduces that;
+over a transposed (1, N) tensor, so each weight is multiplied by its own reciprocal, (1/s)·s, and
+every v_j is 1 up to rounding (the memory selector gets only float-noise gradients). The arithmetic
+is the reference's, (1/s)·s and not s/s (METHODS.md §3.5 step 4). ``"code"`` (default) reproduces that;
 ``"mean"`` is the named variant that rescales the N memory weights to mean 1 as §3.5 words it.
 
 Ramp: the reference increments ``iter_num`` before computing λ, so t = completed iterations + 1.
@@ -101,7 +102,8 @@ def class_contrastive_loss(queries: torch.Tensor, labels: torch.Tensor, memory: 
         memory: per class a (K_c, D) tensor (no gradient) or None.
         selectors_feat: per class the query selector s_c, fed the raw (unnormalised) queries, detached.
         selectors_mem: per class the memory selector s^mem_c, fed the L2-normalised memory.
-        memory_weights: "code" (each weight divided by itself: all 1) or "mean" (rescaled to mean 1).
+        memory_weights: "code" (each weight times its own reciprocal, (1/s)·s: 1 up to rounding) or "mean"
+            (rescaled to mean 1).
     A class counts only when its memory has ≥ 2 vectors and it has ≥ 2 queries.
     """
     if memory_weights not in MEMORY_WEIGHT_MODES:
@@ -122,7 +124,9 @@ def class_contrastive_loss(queries: torch.Tensor, labels: torch.Tensor, memory: 
             w = torch.sigmoid(selectors_feat[c](q_raw.detach()))[:, 0]
             w = w * (w.shape[0] / w.sum())  # rescaled to mean 1 over the queries
             s = torch.sigmoid(selectors_mem[c](k))[:, 0]
-            v = s / s if memory_weights == "code" else s * (s.shape[0] / s.sum())
+            # "code": (1/s)·s exactly as the reference computes it (METHODS.md §3.5 step 4; not s/s, which
+            # differs by an ulp and sends the memory selector other float-noise gradients)
+            v = (1.0 / s) * s if memory_weights == "code" else s * (s.shape[0] / s.sum())
             total = total + torch.mean(dist * w[:, None] * v[None, :])
     return total / len(memory)
 

@@ -2,7 +2,11 @@
 
 It reads ``summary.json``, ``metrics_per_case.csv`` and ``config.json`` of each cell's run folder
 (and any occlusion CSV there), never trains or evaluates, and can be rerun at any time. A cell
-without ``summary.json`` is missing and shown as missing; nothing is filled in.
+without ``summary.json`` is missing and shown as missing; nothing is filled in. A finished folder
+that is not its cell is refused with one line naming the folder and the first difference: its
+summary.json names another method, labeled count, seed or protocol, it has no ``config.json``, or
+its stored settings differ from the cell's (``ssl_bench.experiments.same_run``: device, fast path,
+teacher folder and log/checkpoint intervals do not count), as ``ssl-bench sweep`` refuses it.
 
 What it writes to ``results/<experiment>/`` (atomically, ssl_bench.runs.atomic_write_text):
 
@@ -40,7 +44,7 @@ import pandas as pd
 
 from . import published
 from .errors import UserError
-from .experiments import LA_TRAIN_CASES, PLANNED_METHODS, PROTOCOLS, Cell, Experiment, load_experiment
+from .experiments import LA_TRAIN_CASES, PLANNED_METHODS, PROTOCOLS, Cell, Experiment, load_experiment, same_run
 from .runs import atomic_savefig, atomic_write_text, read_json
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
@@ -91,7 +95,17 @@ def load_run(cell: Cell, runs_dir: Path) -> Run | None:
         if key in summary and summary[key] != getattr(cell, key):
             raise UserError(f"{d}: its summary.json has {key} {summary[key]!r}, the cell {cell.id} needs "
                             f"{getattr(cell, key)!r}; move the folder away")
-    config = read_json(d / "config.json") if (d / "config.json").is_file() else {}
+    if not (d / "config.json").is_file():
+        raise UserError(f"{d} has summary.json but no config.json, so its settings cannot be checked against the "
+                        f"cell {cell.id}; move the folder away")
+    config = read_json(d / "config.json")
+    stored = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(stored, dict):
+        raise UserError(f"{d}: its config.json has no 'config' settings; move the folder away")
+    # the cell's own settings; device and teacher folder do not define a run (same_run skips them)
+    diff = same_run(stored, cell.config().to_json())
+    if diff:
+        raise UserError(f"{d} is not the cell {cell.id} ({diff}); move it away or use another --runs-dir")
     per_case = pd.read_csv(d / "metrics_per_case.csv") if (d / "metrics_per_case.csv").is_file() else pd.DataFrame(
         columns=["case", "post", *METRICS, "empty"])
     return Run(cell, summary, config, per_case, run_minutes(summary, config), summary.get("gpu"))

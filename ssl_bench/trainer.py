@@ -452,7 +452,8 @@ class Trainer:
                     dice = self._selection_dice(stage, nets)
                     logs["test_dice_raw"] = dice
                     if best["dice"] is None or dice > best["dice"]:
-                        best = {"dice": dice, "iteration": done}
+                        # Decision 9: the running best is round(dice, 4), as the SS-Net/BCP/OMF scripts keep it
+                        best = {"dice": round(dice, 4), "iteration": done}
                         self._save_weights(stage, nets, self.out / "checkpoints" / f"{key}_best.pt", done, "best-on-test")
                 if done % self.cfg.log_every == 0 or done in (iters, start + 1) or "test_dice_raw" in logs:
                     now = time.perf_counter()

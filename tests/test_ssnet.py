@@ -102,7 +102,7 @@ def test_weighted_cosine_loss_tiny_example_by_hand(mode):
     assert torch.equal(seen, queries[:3].detach()) and not seen.requires_grad
     loss.backward()
     assert queries.grad[:3].abs().sum() > 0 and queries.grad[3:].abs().sum() == 0
-    if mode == "code":  # every memory weight is s/s = 1: the memory selector gets no gradient
+    if mode == "code":  # every memory weight is (1/s)·s = 1 up to rounding: no useful gradient
         assert sel_mem.weight.grad.abs().max().item() < 1e-6
     else:
         assert sel_mem.weight.grad.abs().max().item() > 1e-3
@@ -242,3 +242,44 @@ def test_ssnet_smoke_run(la_root, tmp_path, protocol):
     assert summary["protocol"] == protocol and summary["paper_post"] == "lcc"
     assert summary["checkpoint"]["selection"] == "last"
     assert summary["best_on_test"] == {"dice": None, "iteration": None}
+
+
+def _contrastive_by_hand(queries, memory, sel_feat, sel_mem, v_rule):
+    """§3.5 step 4 for one class with memory, written out with the reference's operation order."""
+    q_raw = queries.float()
+    k = torch.nn.functional.normalize(memory.float(), dim=1)
+    q = torch.nn.functional.normalize(q_raw, dim=1)
+    dist = 1.0 - q @ k.t()
+    w = torch.sigmoid(sel_feat(q_raw.detach()))[:, 0]
+    w = w * (w.shape[0] / w.sum())
+    s = torch.sigmoid(sel_mem(k))[:, 0]
+    total = torch.zeros(()) + torch.mean(dist * w[:, None] * v_rule(s)[None, :])
+    return total / 2
+
+
+def test_memory_weights_use_the_reference_arithmetic_one_over_s_times_s():
+    # METHODS.md §3.5 step 4: v = (1/s)·s as the code computes it, not s/s. The loss value cannot
+    # tell them apart, but the float-noise gradient the memory selector receives can.
+    g = torch.Generator().manual_seed(3)
+    queries = torch.randn(40, 32, generator=g)
+    labels = torch.ones(40, dtype=torch.long)
+    memory = torch.randn(32, 32, generator=g)
+    sel_feat, sel_mem = nn.Linear(32, 1), nn.Linear(32, 1)
+    with torch.no_grad():
+        for lin in (sel_feat, sel_mem):
+            lin.weight.copy_(torch.randn(1, 32, generator=g))
+            lin.bias.zero_()
+
+    def selector_grad(loss_fn):
+        sel_feat.zero_grad()
+        sel_mem.zero_grad()
+        loss_fn(queries.clone().requires_grad_(True)).backward()
+        return sel_mem.weight.grad.clone()
+
+    got = selector_grad(lambda q: class_contrastive_loss(q, labels, [None, memory], [None, sel_feat],
+                                                         [None, sel_mem], "code"))
+    reference = selector_grad(lambda q: _contrastive_by_hand(q, memory, sel_feat, sel_mem, lambda s: (1.0 / s) * s))
+    self_divided = selector_grad(lambda q: _contrastive_by_hand(q, memory, sel_feat, sel_mem, lambda s: s / s))
+    assert not torch.equal(reference, self_divided)  # the example tells the two forms apart
+    assert torch.equal(got, reference)
+    assert got.abs().max() < 1e-6  # float noise only, in the reference too
