@@ -207,7 +207,8 @@ class SSNet(Stage):
 
         # 6. VAT on all samples, labeled included
         vat = vat_loss(lambda inp: torch.softmax(net(inp).float(), dim=1), batch.image, distance=dice_fg_lin,
-                       xi=self.vat_xi, eps=self.magnitude, ip=self.vat_ip, bn_module=net)
+                       xi=self.vat_xi, eps=self.magnitude, ip=self.vat_ip, bn_module=net,
+                       full_precision=True)  # float32 VAT forwards under every precision (METHODS.md Decision 7)
 
         # 7. total
         lam = self.consistency_weight(it0)

@@ -38,9 +38,14 @@ def _options(pairs) -> dict:
     return out
 
 
-def _default_out(method: str, labeled: int, seed: int, protocol: str, profile: str) -> Path:
-    tag = "" if profile == "paper" else f"-{profile}"
-    return Path("runs") / f"{method}-L{labeled}-s{seed}-{protocol}{tag}"
+def _default_out(method: str, labeled: int, seed: int, protocol: str, profile: str, precision: str = "tf32") -> Path:
+    from .experiments import run_name  # the experiments' cell IDs use the same name
+
+    return Path("runs") / run_name(method, labeled, seed, protocol, profile, precision)
+
+
+PRECISION_HELP = ("numerics (METHODS.md Decision 7): tf32 = the references' fp32 with TF32 convolutions on CUDA (default), "
+                  "fp32 = TF32 off too, bf16/fp16 = autocast (opt-in fast modes; fp16 needs CUDA)")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -65,6 +70,7 @@ def cli():
 @click.option("--eval-cases", type=int, default=None, help="evaluate only the first N test cases")
 @click.option("--empty-policy", type=click.Choice(["penalty", "zero"]), default=None,
               help="metrics of an empty prediction (default penalty: Dice 0, distances = volume diagonal)")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16", "fp16"]), default=None, help=PRECISION_HELP)
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="a method's named option (repeatable), e.g. ssnet_memory_weights=mean")
 @click.option("--teacher", type=click.Path(path_type=Path), default=None,
@@ -74,15 +80,15 @@ def cli():
 @click.option("--overwrite", is_flag=True, help="replace an existing run folder")
 @click.option("--quiet", is_flag=True, help="no progress line")
 def run(method, labeled, data_dir, seed, iterations, patch, n_filters, device, protocol, profile, checkpoint_every,
-        eval_cases, empty_policy, options, teacher, out, resume, overwrite, quiet):
+        eval_cases, empty_policy, precision, options, teacher, out, resume, overwrite, quiet):
     """Train METHOD, evaluate it on the test set and write a self-describing run folder."""
     from .trainer import build_config, run_training
 
     cfg = build_config(method, profile, labeled=labeled, seed=seed, iterations=iterations, patch=_patch(patch),
                        n_filters=n_filters, device=device, protocol=protocol, checkpoint_every=checkpoint_every,
-                       eval_cases=eval_cases, empty_policy=empty_policy,
+                       eval_cases=eval_cases, empty_policy=empty_policy, precision=precision,
                        teacher=str(teacher.resolve()) if teacher else None, options=_options(options))
-    out = out or _default_out(method, labeled, seed, protocol, profile)
+    out = out or _default_out(method, labeled, seed, protocol, profile, cfg.precision)
     summary = run_training(cfg, out, data_dir, resume=resume, overwrite=overwrite, progress=not quiet)
     _print_summary(summary, out)
 
@@ -110,16 +116,27 @@ def eval_cmd(run_dir, data_dir, device, quiet):
 
 @cli.command("methods")
 def methods_cmd():
-    """List the registered methods."""
+    """List the registered methods: stages, where each comes from (built-in or plugin), summary."""
     from .method import registry
 
     for name, spec in sorted(registry().items()):
-        click.echo(f"{name:16s} {len(spec.stages)} stage(s)  {spec.summary}")
+        stages = " -> ".join(s.__name__ for s in spec.stages)
+        click.echo(f"{name:16s} [{spec.origin}]  {len(spec.stages)} stage(s): {stages}  {spec.summary}".rstrip())
+
+
+def _load_plugins(argv) -> None:
+    """Import the plugin methods before any command runs (a broken plugin: one line, exit 2)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or any(a in ("-h", "--help", "--version") for a in args):
+        return
+    from .method import registry
+
+    registry()
 
 
 @cli.group()
 def data():
-    """Check the LA data or make the built-in demo data set."""
+    """Check the LA data, make the built-in demo data set, or import your own (nnU-Net v2 raw layout)."""
 
 
 @data.command("verify")
@@ -151,6 +168,45 @@ def data_demo(out, seed):
     click.echo(f"demo data written to {out}")
 
 
+@data.command("import")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["nnunet"]), required=True,
+              help="source layout: nnunet = nnU-Net v2 raw (dataset.json, imagesTr, labelsTr[, imagesTs, labelsTs])")
+@click.option("--label", default=None, metavar="VALUE",
+              help="foreground label value (or name from dataset.json); default: every nonzero label (binary)")
+@click.option("--test-fraction", type=float, default=None, help="share of imagesTr held out as test (default 0.2)")
+@click.option("--test-list", type=click.Path(path_type=Path), default=None, help="file with the test case ids, one a line")
+@click.option("--test-from", type=click.Choice(["imagesTs"]), default=None,
+              help="use the data set's own imagesTs/labelsTs as the test set")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the shuffle that orders train.list (and draws the test set)")
+@click.option("--spacing", default=None, metavar="X,Y,Z", help="resample to this voxel spacing in mm (default: keep)")
+@click.option("--crop-around-label", default=None, metavar="MX,MY,MZ",
+              help="crop every case (TEST CASES INCLUDED) to its label box plus this margin in voxels: uses the "
+                   "ground truth, as the LA release did; recorded as such")
+@click.option("--channel", type=int, default=0, show_default=True, help="which image channel (<case>_000C) to read")
+@click.option("--patch", default=None, metavar="X,Y,Z", help="training patch recorded for this data set (default 112,112,80)")
+@click.option("--stride-xy", type=int, default=None, help="sliding-window stride in x/y recorded for this data set (default 18)")
+@click.option("--stride-z", type=int, default=None, help="sliding-window stride in z recorded for this data set (default 4)")
+def data_import(src, out, fmt, label, test_fraction, test_list, test_from, seed, spacing, crop_around_label, channel,
+                patch, stride_xy, stride_z):
+    """Import SRC (another data set) into OUT in the layout ssl-bench reads; OUT appears only when complete."""
+    from .importer import RECORD_NAME, import_nnunet
+
+    record = import_nnunet(src, out, label=label, test_fraction=test_fraction, test_list=test_list,
+                           test_from_imagests=test_from == "imagesTs", seed=seed, spacing=spacing,
+                           crop_around_label=crop_around_label, channel=channel, patch=patch,
+                           stride_xy=stride_xy, stride_z=stride_z, command={k: (str(v) if isinstance(v, Path) else v)
+                                                            for k, v in click.get_current_context().params.items()})
+    if any(step.get("uses_ground_truth") for step in record["preprocessing"]):
+        click.echo("warning: --crop-around-label crops test cases with their ground truth (recorded in "
+                   f"{RECORD_NAME})", err=True)
+    for w in record["warnings"]:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(f"imported {len(record['split']['train'])} train and {len(record['split']['test'])} test cases "
+               f"from {src} to {out} ({record['split']['method']}); record: {out / RECORD_NAME}")
+
+
 @cli.command()
 @click.option("--method", default="vnet", show_default=True)
 @click.option("--data", "data_dir", default=None, help=DATA_HELP)
@@ -158,12 +214,14 @@ def data_demo(out, seed):
 @click.option("--profile", type=click.Choice(["paper", "smoke", "demo"]), default="paper", show_default=True)
 @click.option("--iterations", type=int, default=None, help="timed iterations per path (default 50 on CUDA, 3 on CPU)")
 @click.option("--eval-cases", type=int, default=None, help="test cases timed per path (default 20 on CUDA, 1 on CPU)")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16", "fp16"]), default="tf32", show_default=True,
+              help="the fast path's precision (the reference-style path is always tf32); " + PRECISION_HELP)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="also write the measurement as JSON here")
-def bench(method, data_dir, device, profile, iterations, eval_cases, out):
+def bench(method, data_dir, device, profile, iterations, eval_cases, precision, out):
     """Time training it/s and evaluation s/case: fast path vs reference-style path, same process."""
     from .bench import run_bench
 
-    run_bench(method, data_dir, device, profile, iterations, eval_cases, out)
+    run_bench(method, data_dir, device, profile, iterations, eval_cases, out, precision=precision)
 
 
 from .occlusion import occlusion_command  # noqa: E402
@@ -176,6 +234,7 @@ cli.add_command(report_command)
 
 def main(argv=None) -> int:
     try:
+        _load_plugins(argv)
         cli.main(args=argv, prog_name="ssl-bench", standalone_mode=False)
     except UserError as exc:
         click.echo(f"ssl-bench: error: {exc}", err=True)

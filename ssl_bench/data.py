@@ -11,6 +11,7 @@ The root comes from ``--data`` or the ``SSL_BENCH_DATA`` environment variable.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ ENV_VAR = "SSL_BENCH_DATA"
 CASES_DIR = "2018LA_Seg_Training Set"
 H5_NAME = "mri_norm2.h5"
 SUMS_NAME = "SHA256SUMS.h5.txt"
+DATASET_RECORD = "ssl_bench_dataset.json"  # written by `ssl-bench data import` (ssl_bench/importer.py)
 
 
 def resolve_root(data: str | os.PathLike | None) -> Path:
@@ -124,6 +126,46 @@ class LAData:
         for case_id in ids:
             if case_id not in self._cache:
                 self._read(case_id, image=False)
+
+    def dataset_settings(self) -> dict | None:
+        """Per-data-set settings of an imported data set (``ssl_bench_dataset.json``: patch, strides, units), or None (LA)."""
+        path = self.root / DATASET_RECORD
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+            settings = dict(record["settings"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{path} is damaged ({type(exc).__name__}: {exc}); re-import the data set") from None
+        return settings
+
+    def run_defaults(self) -> dict:
+        """The RunConfig fields this data set sets (an imported one: patch, sliding-window strides); {} for LA."""
+        settings = self.dataset_settings() or {}
+        out = {}
+        try:
+            if "patch" in settings:
+                out["patch"] = tuple(int(v) for v in settings["patch"])
+            for key in ("eval_stride_xy", "eval_stride_z"):
+                if key in settings:
+                    out[key] = int(settings[key])
+        except (TypeError, ValueError):
+            raise UserError(f"{self.root / DATASET_RECORD}: invalid settings {settings}; re-import the data set") from None
+        return out
+
+    def spacing(self, case_id: str) -> tuple[float, float, float] | None:
+        """Voxel spacing in mm stored in the case's h5 (dataset ``spacing``), or None where absent (the LA release)."""
+        path = self.case_path(case_id)
+        try:
+            with h5py.File(path, "r") as f:
+                if "spacing" not in f:
+                    return None
+                sp = np.asarray(f["spacing"][...], dtype=np.float64).ravel()
+        except Exception as exc:
+            raise UserError(f"case {case_id}: cannot read {path} ({type(exc).__name__}: {exc})") from None
+        if sp.shape != (3,) or not np.all(np.isfinite(sp) & (sp > 0)):
+            raise UserError(f"case {case_id}: {path} has an invalid spacing {sp.tolist()}")
+        return tuple(float(v) for v in sp)
 
     def listed_sums(self) -> dict[str, str] | None:
         """The sha256 per case id from SHA256SUMS.h5.txt, or None when the file is absent."""
@@ -328,4 +370,9 @@ def verify(data: LAData) -> tuple[list[str], list[str]]:
         else:
             lines.append(f"{split_name}: {len(ids)} listed, none readable")
     lines.append(f"checksums: {'checked against ' + SUMS_NAME if sums is not None else SUMS_NAME + ' absent, not checked'}")
+    settings = data.dataset_settings()
+    if settings is not None:
+        lines.append(f"imported data set ({DATASET_RECORD}): patch {tuple(settings.get('patch', ()))}, sliding-window "
+                     f"strides {settings.get('eval_stride_xy')}/{settings.get('eval_stride_z')}, "
+                     f"units {settings.get('units', 'voxel')}")
     return lines, problems

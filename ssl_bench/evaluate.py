@@ -28,7 +28,7 @@ class EvalSettings:
     stride_xy: int = 18
     stride_z: int = 4
     window_batch: int = 8
-    amp: bool = False  # bf16 autocast (CUDA fast path only)
+    precision: str = "fp32"  # RunConfig.precision: bf16/fp16 autocast the windows (bf16 on CPU too); fp32/tf32 do not
     empty_policy: str = "penalty"  # Decisions 4; "zero" = the reference repositories' (0,0,0,0)
 
 
@@ -58,8 +58,8 @@ def sliding_window(prob_fn: Callable, net, image: np.ndarray, settings: EvalSett
     shape = image.shape
     px, py, pz = settings.patch
     windows = _windows(shape, settings)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if settings.amp and device.type == "cuda"
-                else nullcontext())
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     if reference_style:
         score = np.zeros(shape, np.float32)
         count = np.zeros(shape, np.float32)

@@ -10,11 +10,12 @@ block may override the file's defaults. Example (the keys are all the format has
     profile = "paper"             # ssl_bench.trainer.PROFILES
     seeds = [1337, 1338, 1339]
     protocols = ["honest", "literature"]
+    precision = "tf32"            # or a list, e.g. ["tf32", "bf16"]: an axis (METHODS.md Decision 7; default tf32)
     [run]                         # RunConfig settings for every cell (e.g. iterations = 2)
     [[grid]]
     methods = ["vnet", "omf"]
     labeled = [8, 16]
-    protocols = ["honest"]        # optional per-block override of seeds/protocols/profile/run
+    protocols = ["honest"]        # optional per-block override of seeds/protocols/precision/profile/run
     [occlusion]                   # only for occlusion sweeps (paper Fig. 3, §3.7.8)
     variant = "volume"            # ssl-bench occlusion --variant: volume (B, primary) or code (A)
     ratios = [0, 0.05, 0.1]
@@ -22,7 +23,8 @@ block may override the file's defaults. Example (the keys are all the format has
 
 A cell is one run folder, named by a stable ID built from what defines the run (the same name
 ``ssl-bench run`` uses by default, plus a short hash of any [run] overrides), so experiments that
-share a cell (Table 1 and Table 2 both have V-Net and OMF) share its run folder.
+share a cell (Table 1 and Table 2 both have V-Net and OMF) share its run folder. A precision other than
+the default ``tf32`` is part of the ID (``-bf16``), as in ``ssl-bench run``'s default folder name.
 
 Multi-stage methods share their stage 1 with the matching one-stage method instead of retraining
 it (``STAGE1_PROVIDERS``): an ``omf`` cell takes ``--teacher`` from the ``omf-s1-orgloss`` cell with
@@ -57,8 +59,12 @@ STAGE1_PROVIDERS = {"omf": "omf-s1-orgloss", "omf-s1-s2": "omf-s1"}
 #: every method the project plans to register (validating the shipped files before all exist)
 PLANNED_METHODS = ("vnet", "uamt", "sassnet", "dtc", "ssnet", "bcp", "omf", "omf-s1", "omf-s1-orgloss", "omf-s1-s2")
 
-TOP_KEYS = {"title", "description", "paper", "compare_to", "profile", "seeds", "protocols", "run", "grid", "occlusion"}
-BLOCK_KEYS = {"methods", "labeled", "seeds", "protocols", "profile", "run"}
+TOP_KEYS = {"title", "description", "paper", "compare_to", "profile", "seeds", "protocols", "precision", "run", "grid",
+            "occlusion"}
+BLOCK_KEYS = {"methods", "labeled", "seeds", "protocols", "precision", "profile", "run"}
+#: RunConfig precisions (ssl_bench.trainer.PRECISIONS; repeated here so that parsing needs no torch)
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+DEFAULT_PRECISION = "tf32"
 OCCLUSION_KEYS = {"variant", "ratios", "repeats"}
 #: RunConfig settings a [run] table may set (method/labeled/seed/protocol/profile are axes; teacher is the sweep's)
 RUN_KEYS = {"iterations", "patch", "n_filters", "device", "checkpoint_every", "log_every", "selection_every",
@@ -84,11 +90,12 @@ class Cell:
     overrides: dict = field(default_factory=dict)
     teacher: str | None = None  # ID of the cell whose stage 1 this one reuses
     implicit: bool = False  # added as a stage-1 provider, not listed in the experiment
+    precision: str = DEFAULT_PRECISION  # defines the run (Decision 7); not the default -> in the ID
 
     @property
     def id(self) -> str:
-        tag = "" if self.profile == "paper" else f"-{self.profile}"
-        return f"{self.method}-L{self.labeled}-s{self.seed}-{self.protocol}{tag}{override_tag(self.overrides)}"
+        return run_name(self.method, self.labeled, self.seed, self.protocol, self.profile, self.precision) + \
+            override_tag(self.overrides)
 
     def run_dir(self, runs_dir: Path) -> Path:
         return Path(runs_dir) / self.id
@@ -102,7 +109,15 @@ class Cell:
             values["patch"] = tuple(values["patch"])
         values.update(extra)
         return build_config(self.method, self.profile, labeled=self.labeled, seed=self.seed,
-                            protocol=self.protocol, **values)
+                            protocol=self.protocol, precision=self.precision, **values)
+
+
+def run_name(method: str, labeled: int, seed: int, protocol: str, profile: str = "paper",
+             precision: str = DEFAULT_PRECISION) -> str:
+    """A run folder's default name (``ssl-bench run`` and the cell IDs): profile and precision tagged when not the default."""
+    tag = "" if profile == "paper" else f"-{profile}"
+    prec = "" if precision == DEFAULT_PRECISION else f"-{precision}"
+    return f"{method}-L{labeled}-s{seed}-{protocol}{tag}{prec}"
 
 
 def override_tag(overrides: dict) -> str:
@@ -141,7 +156,8 @@ class Experiment:
                 continue
             if len(stages[cell.method]) < 2 or stages[provider] != stages[cell.method][:1]:
                 continue
-            dep = Cell(provider, cell.labeled, cell.seed, cell.protocol, cell.profile, dict(cell.overrides))
+            dep = Cell(provider, cell.labeled, cell.seed, cell.protocol, cell.profile, dict(cell.overrides),
+                       precision=cell.precision)
             if dep.id not in by_id:
                 dep.implicit = True
                 by_id[dep.id] = dep
@@ -240,6 +256,7 @@ def parse_experiment(raw: dict, path: Path, methods: set[str]) -> Experiment:
         "profile": _string(raw, "profile", fail, default="paper"),
         "seeds": _int_list(raw, "seeds", fail, "", default=[1337]),
         "protocols": _str_list(raw, "protocols", fail, "", default=["honest"]),
+        "precision": _precisions(raw, fail, "", default=[DEFAULT_PRECISION]),
         "run": _run_table(raw.get("run", {}), fail, ""),
     }
     blocks = raw.get("grid")
@@ -259,6 +276,7 @@ def parse_experiment(raw: dict, path: Path, methods: set[str]) -> Experiment:
         labeled = _int_list(block, "labeled", fail, at)
         seeds = _int_list(block, "seeds", fail, at, default=defaults["seeds"])
         protocols = _str_list(block, "protocols", fail, at, default=defaults["protocols"])
+        precisions = _precisions(block, fail, at, default=defaults["precision"])
         profile = _string(block, "profile", fail, default=defaults["profile"], at=at)
         run = {**defaults["run"], **_run_table(block.get("run", {}), fail, at)}
         for m in names:
@@ -277,12 +295,13 @@ def parse_experiment(raw: dict, path: Path, methods: set[str]) -> Experiment:
         for n in labeled:
             for m in names:
                 for p in protocols:
-                    for s in seeds:
-                        cell = Cell(m, n, s, p, profile, dict(run))
-                        if cell.id in seen:
-                            fail(f"{at}: cell {cell.id} is already listed in {seen[cell.id]}")
-                        seen[cell.id] = at
-                        cells.append(cell)
+                    for prec in precisions:
+                        for s in seeds:
+                            cell = Cell(m, n, s, p, profile, dict(run), precision=prec)
+                            if cell.id in seen:
+                                fail(f"{at}: cell {cell.id} is already listed in {seen[cell.id]}")
+                            seen[cell.id] = at
+                            cells.append(cell)
         try:  # the settings themselves, as the trainer validates them (e.g. iterations >= 1)
             cells[-1].config()
         except (UserError, TypeError, ValueError) as exc:
@@ -333,10 +352,25 @@ def _str_list(table, key, fail, at, default=None):
     return _list(table, key, fail, at, str, default)
 
 
+def _precisions(table, fail, at: str, default) -> list[str]:
+    """``precision``: one name or a list of names (an axis), each one of PRECISIONS."""
+    prefix = f"{at}: " if at else ""
+    if isinstance(table.get("precision"), str):
+        table = dict(table, precision=[table["precision"]])
+    values = _str_list(table, "precision", fail, at, default=default)
+    for v in values:
+        if v not in PRECISIONS:
+            fail(f"{prefix}unknown precision {v!r}; choose from {', '.join(PRECISIONS)}")
+    return values
+
+
 def _run_table(run, fail, at: str) -> dict:
     prefix = f"{at}: " if at else ""
     if not isinstance(run, dict):
         fail(f"{prefix}run must be a table of settings")
+    if "precision" in run:
+        fail(f"{prefix}precision is an axis, not a [run] setting: write `precision = {run['precision']!r}` at the top "
+             "of the file or in a [[grid]] block")
     for key in run:
         if key not in RUN_KEYS:
             fail(f"{prefix}unknown [run] setting {key!r} (allowed: {', '.join(sorted(RUN_KEYS))})")
@@ -368,10 +402,12 @@ def _occlusion(occ, fail) -> Occlusion:
 def same_run(stored: dict, wanted: dict) -> str | None:
     """The first setting that differs between a run folder's stored config and a cell's, or None.
 
-    Only settings that change what is computed count (not device, fast path, teacher folder,
-    log or checkpoint intervals)."""
+    Only settings that change what is computed count (not device, the fast-path switches besides
+    precision, teacher folder, log or checkpoint intervals). Precision counts. A folder made before
+    precision was recorded has no ``precision`` key: its folder name is its only identity there, so it is
+    taken as its cell's (the report labels it with what it computed, ssl_bench.report.legacy_note)."""
     for key, value in wanted.items():
-        if key in NON_DEFINING:
+        if key in NON_DEFINING or (key == "precision" and "precision" not in stored):
             continue
         if stored.get(key) != value:
             return f"{key} is {stored.get(key)!r} there, the experiment asks for {value!r}"

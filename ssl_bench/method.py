@@ -13,6 +13,7 @@ Iteration conventions handed to a stage:
 """
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
@@ -21,7 +22,13 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .plugins import PluginError
 from .vnet import VNet
+
+#: The public API that method code (``methods/`` and plugins) may use; a later rename keeps the old name
+#: working (README "Your method beside the seven"). Batch fields: ``labeled_image``, ``label``,
+#: ``unlabeled_image`` (ssl_bench.data.Batch); helpers: ``ssl_bench.losses``, ``ssl_bench.mixing``.
+__all__ = ["Stage", "StageContext", "register", "registry", "get_method", "MethodSpec", "MethodClash"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,10 @@ class StageContext:
     n_filters: int = 16
     iterations: int | None = None  # the run's per-stage override (--iterations); None: each stage's own default
     options: dict = field(default_factory=dict)
+
+
+class MethodClash(PluginError, ValueError):
+    """A method name that is already registered (a ValueError too, as before plugins existed)."""
 
 
 class Stage(ABC):
@@ -111,21 +122,49 @@ class MethodSpec:
     name: str
     stages: tuple[type[Stage], ...]
     summary: str
+    #: "built-in", or where a plugin method came from ("plugin <package> <version>", "SSL_BENCH_PLUGINS module m")
+    origin: str = "built-in"
+
+    def with_origin(self, origin: str) -> "MethodSpec":
+        return MethodSpec(self.name, self.stages, self.summary, origin)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
+
+#: a method name: letters, digits and ``- _ . +``, starting with a letter or digit (it becomes a folder name)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def _origin_of(stages: tuple[type[Stage], ...]) -> str:
+    from .plugins import BUILTIN, current_origin
+
+    origin = current_origin()
+    if origin is not None:
+        return origin
+    module = stages[-1].__module__
+    return BUILTIN if module.split(".")[0] in ("methods", "ssl_bench") else f"module {module}"
 
 
 def register(name: str, *stages: type[Stage], summary: str = "") -> Callable:
     """Register a method. As a class decorator: ``@register("vnet")`` registers a one-stage method.
 
     With explicit stages, ``register("omf", Stage1, Stage2)`` registers a multi-stage method.
+    A name that is already registered is refused (:class:`MethodClash`, one line naming both sides).
     """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise PluginError(f"cannot register method {name!r}: a name is letters, digits and - _ . + "
+                          "(it becomes part of a run folder's name)")
+
     def _add(spec_stages: tuple[type[Stage], ...]) -> None:
+        bad = [s for s in spec_stages if not (isinstance(s, type) and issubclass(s, Stage))]
+        if bad:
+            raise PluginError(f"cannot register method {name!r}: {bad[0]!r} is not a subclass of ssl_bench.method.Stage")
+        origin = _origin_of(spec_stages)
         if name in _REGISTRY:
-            raise ValueError(f"method {name!r} registered twice")
+            raise MethodClash(f"method {name!r} ({origin}) clashes with the registered method {name!r} "
+                              f"({_REGISTRY[name].origin}); choose another name")
         doc = summary or ((spec_stages[-1].__doc__ or "").strip().splitlines() or [""])[0]
-        _REGISTRY[name] = MethodSpec(name, spec_stages, doc)
+        _REGISTRY[name] = MethodSpec(name, spec_stages, doc, origin)
 
     if stages:
         _add(tuple(stages))
@@ -138,7 +177,13 @@ def register(name: str, *stages: type[Stage], summary: str = "") -> Callable:
 
 
 def registry() -> dict[str, MethodSpec]:
+    """Every registered method: the built-in ones (package ``methods``), then the plugins (entry points in
+    the group ``ssl_bench.methods``, then the modules named in ``SSL_BENCH_PLUGINS``). An import error is an
+    error (:class:`ssl_bench.plugins.PluginError`, a :class:`UserError`), never swallowed."""
     import methods  # noqa: F401  (imports every method module; an import error is an error, never swallowed)
+    from .plugins import load_plugins
+
+    load_plugins(_REGISTRY)
     return dict(_REGISTRY)
 
 

@@ -5,8 +5,15 @@ It reads ``summary.json``, ``metrics_per_case.csv`` and ``config.json`` of each 
 without ``summary.json`` is missing and shown as missing; nothing is filled in. A finished folder
 that is not its cell is refused with one line naming the folder and the first difference: its
 summary.json names another method, labeled count, seed or protocol, it has no ``config.json``, or
-its stored settings differ from the cell's (``ssl_bench.experiments.same_run``: device, fast path,
-teacher folder and log/checkpoint intervals do not count), as ``ssl-bench sweep`` refuses it.
+its stored settings differ from the cell's (``ssl_bench.experiments.same_run``: device, the fast-path
+switches besides precision, teacher folder and log/checkpoint intervals do not count), as ``ssl-bench
+sweep`` refuses it.
+
+Precision (METHODS.md Decision 7) is part of every row's identity: the tables come one per protocol
+and precision (the heading names it, the CSVs have a ``precision`` column), so runs of different
+precision are never averaged or paired. A run folder made before precision was recorded is named
+below its table with what it computed (``ssl_bench.trainer.recorded_precision``: bf16 autocast for a
+CUDA run with the old fast path, otherwise tf32 — fp32 numerics on CPU).
 
 What it writes to ``results/<experiment>/`` (atomically, ssl_bench.runs.atomic_write_text):
 
@@ -33,6 +40,8 @@ repeats (§3.7.8).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -44,7 +53,8 @@ import pandas as pd
 
 from . import published
 from .errors import UserError
-from .experiments import LA_TRAIN_CASES, PLANNED_METHODS, PROTOCOLS, Cell, Experiment, load_experiment, same_run
+from .experiments import (DEFAULT_PRECISION, LA_TRAIN_CASES, PLANNED_METHODS, PROTOCOLS, Cell, Experiment,
+                          load_experiment, same_run)
 from .runs import atomic_savefig, atomic_write_text, read_json
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
@@ -64,6 +74,7 @@ class Run:
     per_case: pd.DataFrame
     minutes: float
     gpu: str | None
+    legacy_precision: str | None = None  # no precision recorded: what the run computed (recorded_precision)
 
 
 @dataclass
@@ -74,6 +85,7 @@ class Row:
     planned: list[int]  # seeds the experiment asks for
     runs: list[Run] = field(default_factory=list)
     note: str = ""
+    precision: str = DEFAULT_PRECISION  # part of the row's identity (Decision 7)
 
     @property
     def post(self) -> str | None:
@@ -108,7 +120,12 @@ def load_run(cell: Cell, runs_dir: Path) -> Run | None:
         raise UserError(f"{d} is not the cell {cell.id} ({diff}); move it away or use another --runs-dir")
     per_case = pd.read_csv(d / "metrics_per_case.csv") if (d / "metrics_per_case.csv").is_file() else pd.DataFrame(
         columns=["case", "post", *METRICS, "empty"])
-    return Run(cell, summary, config, per_case, run_minutes(summary, config), summary.get("gpu"))
+    legacy = None
+    if stored.get("precision") is None:
+        from .trainer import recorded_precision
+
+        legacy = recorded_precision(stored, summary.get("device"))
+    return Run(cell, summary, config, per_case, run_minutes(summary, config), summary.get("gpu"), legacy)
 
 
 def run_minutes(summary: dict, config: dict) -> float:
@@ -128,8 +145,12 @@ def _selects_last(run: Run) -> bool:
     return bool(stages) and all(s.get("literature_selection") is None for s in stages)
 
 
+def precisions_of(exp: Experiment) -> list[str]:
+    return list(dict.fromkeys(c.precision for c in exp.cells))
+
+
 def collect(exp: Experiment, runs_dir: Path) -> list[Row]:
-    """One row per (protocol, labeled, method), in table order: labeled, then the file's method order."""
+    """One row per (protocol, precision, labeled, method), in table order: labeled, then the file's method order."""
     runs_dir = Path(runs_dir)
     method_order = list(dict.fromkeys(c.method for c in exp.cells))
     pairs = sorted({(c.labeled, c.method) for c in exp.cells}, key=lambda p: (p[0], method_order.index(p[1])))
@@ -144,19 +165,50 @@ def collect(exp: Experiment, runs_dir: Path) -> list[Row]:
 
     rows = []
     for protocol in protocols:
-        for labeled, method in pairs:
-            cells = [c for c in exp.cells if (c.method, c.labeled, c.protocol) == (method, labeled, protocol)]
-            note = ""
-            if not cells:
-                honest = [c for c in exp.cells if (c.method, c.labeled, c.protocol) == (method, labeled, "honest")]
-                if protocol != "literature" or not honest:
-                    continue
-                found = runs_of(honest)
-                if found and not all(_selects_last(r) for r in found):
-                    continue  # the reference selects on the test set, but the experiment did not ask for it
-                cells, note = honest, FALLBACK_NOTE
-            rows.append(Row(protocol, method, labeled, [c.seed for c in cells], runs_of(cells), note))
+        for precision in precisions_of(exp):
+            for labeled, method in pairs:
+                key = (method, labeled, protocol, precision)
+                cells = [c for c in exp.cells if (c.method, c.labeled, c.protocol, c.precision) == key]
+                note = ""
+                if not cells:
+                    honest = [c for c in exp.cells
+                              if (c.method, c.labeled, c.protocol, c.precision) == (method, labeled, "honest", precision)]
+                    if protocol != "literature" or not honest:
+                        continue
+                    found = runs_of(honest)
+                    if found and not all(_selects_last(r) for r in found):
+                        continue  # the reference selects on the test set, but the experiment did not ask for it
+                    cells, note = honest, FALLBACK_NOTE
+                row = Row(protocol, method, labeled, [c.seed for c in cells], runs_of(cells), note, precision)
+                computed = {computed_precision(r) for r in row.runs}
+                recorded = any(r.legacy_precision is None for r in row.runs)
+                # only possible with folders made before precision was recorded; among those alone the table
+                # names each folder's precision (legacy_notes) instead, as it always has shown them together
+                if len(computed) > 1 and recorded:
+                    detail = ", ".join(f"{r.cell.id} {computed_precision(r)}" for r in row.runs)
+                    raise UserError(f"the runs of {method} L={labeled} {protocol} ({precision}) computed in different "
+                                    f"precisions ({detail}) and cannot be averaged; move the older folders away")
+                rows.append(row)
     return rows
+
+
+def computed_precision(run: Run) -> str:
+    """The precision a run recorded or, for a folder made before it was recorded, what it computed."""
+    return run.legacy_precision or run.cell.precision
+
+
+def legacy_notes(rows: list[Row]) -> str:
+    """One line naming the runs made before precision was recorded, with what each computed."""
+    found = sorted({(run.cell.id, run.legacy_precision) for row in rows for run in row.runs
+                    if run.legacy_precision is not None})
+    if not found:
+        return ""
+    parts = []
+    for prec in sorted({p for _, p in found}):
+        ids = ", ".join(i for i, p in found if p == prec)
+        parts.append(f"{ids}: {prec}" + (" (bf16 autocast, the old CUDA fast path)" if prec == "bf16" else ""))
+    return ("\nPrecision not recorded (run folders made before it was; METHODS.md Decision 7), taken from what "
+            "they computed: " + "; ".join(parts) + ".\n")
 
 
 # -- numbers ------------------------------------------------------------------------------------
@@ -246,10 +298,11 @@ MAIN_HEADER = ["Method", "Labeled", "Unlabeled", "Protocol", "LCC", "Seeds", "Di
 
 
 def main_table_rows(rows: list[Row], paper: str | None) -> list[list[str]]:
+    hide_own = bool(imported_roots(rows))  # the own-paper figures are LA's too
     out = []
     for row in rows:
         fig = published.paper_figure(paper, row.method, row.labeled)
-        own = published.own_figure(row.method, row.labeled)
+        own = None if hide_own else published.own_figure(row.method, row.labeled)
         n = len(row.runs)
         seeds = str(n) if n == len(row.planned) else f"{n}/{len(row.planned)}"
         cells = [published.display_name(row.method, paper), str(row.labeled), str(unlabeled_count(row)),
@@ -298,12 +351,17 @@ LCC_HEADER = ["Method", "Labeled", "Dice raw", "Dice LCC", "95HD raw", "95HD LCC
 
 
 def csv_table(rows: list[Row], paper: str | None) -> pd.DataFrame:
+    hide_own = bool(imported_roots(rows))  # the own-paper figures are LA's too
     recs = []
     for row in rows:
         fig = published.paper_figure(paper, row.method, row.labeled)
-        own = published.own_figure(row.method, row.labeled)
+        own = None if hide_own else published.own_figure(row.method, row.labeled)
         for post in ("raw", "lcc"):
-            rec = {"protocol": row.protocol, "method": row.method, "labeled": row.labeled,
+            computed = sorted({computed_precision(r) for r in row.runs})
+            rec = {"protocol": row.protocol, "precision": row.precision,
+                   "computed_precision": "+".join(computed) if computed else None,
+                   "precision_recorded": all(r.legacy_precision is None for r in row.runs) if row.runs else None,
+                   "method": row.method, "labeled": row.labeled,
                    "unlabeled": unlabeled_count(row), "post": post, "own_post": post == row.post if row.runs else None,
                    "runs_protocol": "honest" if row.note else row.protocol, "n_seeds": len(row.runs), "n_planned": len(row.planned),
                    "seeds": " ".join(str(r.cell.seed) for r in row.runs), "status": _status(row)}
@@ -376,13 +434,15 @@ def wilcoxon_tests(rows: list[Row], reference: str | None) -> pd.DataFrame:
         return pd.DataFrame()
     for ref in (r for r in rows if r.method == reference and r.runs):
         for other in rows:
-            if other is ref or (other.protocol, other.labeled) != (ref.protocol, ref.labeled) or not other.runs:
-                continue
+            if other is ref or not other.runs or \
+                    (other.protocol, other.labeled, other.precision) != (ref.protocol, ref.labeled, ref.precision):
+                continue  # paired only within one protocol, labeled count and precision
             for post in ("own", "raw", "lcc"):
                 a = per_case_dice(ref, ref.post if post == "own" else post)
                 b = per_case_dice(other, other.post if post == "own" else post)
                 common = sorted(set(a.index) & set(b.index))
-                rec = {"protocol": ref.protocol, "labeled": ref.labeled, "reference": reference, "method": other.method,
+                rec = {"protocol": ref.protocol, "precision": ref.precision, "labeled": ref.labeled,
+                       "reference": reference, "method": other.method,
                        "post": post, "reference_post": ref.post if post == "own" else post,
                        "method_post": other.post if post == "own" else post, "n_cases": len(common),
                        "reference_dice": float(a[common].mean()) if common else None,
@@ -399,9 +459,17 @@ def wilcoxon_tests(rows: list[Row], reference: str | None) -> pd.DataFrame:
 
 
 def wilcoxon_markdown(tests: pd.DataFrame, paper: str | None) -> str:
+    """One table per precision (pairs never mix precisions)."""
     if tests.empty:
         return "No paired test: the reference method has no complete runs.\n"
-    own = tests[tests["post"] == "own"]
+    parts = []
+    for precision in dict.fromkeys(tests["precision"]):
+        own = tests[(tests["post"] == "own") & (tests["precision"] == precision)]
+        parts.append(f"Precision {precision}:\n\n" + _wilcoxon_table(own, paper))
+    return "\n".join(parts)
+
+
+def _wilcoxon_table(own: pd.DataFrame, paper: str | None) -> str:
     header = ["Protocol", "Labeled", "Method", "Cases", "Reference Dice (%)", "Method Dice (%)",
               "Median diff (pp)", "W", "p"]
     body = []
@@ -434,13 +502,20 @@ def occlusion_frame(exp: Experiment, source: Path) -> pd.DataFrame:
                         f"(it has {', '.join(df.columns)})")
     if "variant" in df.columns and exp.occlusion is not None:
         df = df[df["variant"].astype(str) == exp.occlusion.variant]
+    precisions = precisions_of(exp)
+    if "precision" not in df.columns:
+        if len(precisions) > 1:
+            raise UserError(f"{path}: the experiment has cells of several precisions ({', '.join(precisions)}) but the "
+                            "occlusion CSV has no precision column, so its rows cannot be told apart")
+        df = df.assign(precision=precisions[0])
     for col, default in (("seed", None), ("protocol", "honest"), ("repeat", 0)):
         if col not in df.columns:
             df = df.assign(**{col: default})
-    wanted = {(c.method, c.labeled, c.protocol) for c in exp.cells}
-    seeds = {(c.method, c.labeled, c.protocol, c.seed) for c in exp.cells}
-    keep = [(m, int(n), p) in wanted and (s is None or pd.isna(s) or (m, int(n), p, int(s)) in seeds)
-            for m, n, p, s in zip(df["method"], df["labeled"], df["protocol"], df["seed"])]
+    wanted = {(c.method, c.labeled, c.protocol, c.precision) for c in exp.cells}
+    seeds = {(c.method, c.labeled, c.protocol, c.precision, c.seed) for c in exp.cells}
+    keep = [(m, int(n), p, q) in wanted and (s is None or pd.isna(s) or (m, int(n), p, q, int(s)) in seeds)
+            for m, n, p, q, s in zip(df["method"], df["labeled"], df["protocol"], df["precision"].astype(str),
+                                     df["seed"])]
     df = df[keep]
     if "paper_post" in df.columns:
         df = df[df["paper_post"].astype(str).str.lower().isin(("true", "1"))]
@@ -448,11 +523,14 @@ def occlusion_frame(exp: Experiment, source: Path) -> pd.DataFrame:
 
 
 def occlusion_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (protocol, method, labeled, ratio): mean ± std over repeats of the seed-averaged case-mean Dice."""
-    per_rep = df.groupby(["protocol", "method", "labeled", "ratio", "repeat", "seed"])["dice"].mean().reset_index()
-    per_rep = per_rep.groupby(["protocol", "method", "labeled", "ratio", "repeat"])["dice"].agg(["mean", "count"])
+    """Per (protocol, precision, method, labeled, ratio): mean ± std over repeats of the seed-averaged case-mean Dice."""
+    if "precision" not in df.columns:
+        df = df.assign(precision=DEFAULT_PRECISION)
+    key = ["protocol", "precision", "method", "labeled", "ratio"]
+    per_rep = df.groupby(key + ["repeat", "seed"])["dice"].mean().reset_index()
+    per_rep = per_rep.groupby(key + ["repeat"])["dice"].agg(["mean", "count"])
     per_rep = per_rep.reset_index().rename(columns={"count": "n_seeds", "mean": "dice"})
-    out = per_rep.groupby(["protocol", "method", "labeled", "ratio"]).agg(
+    out = per_rep.groupby(key).agg(
         dice_mean=("dice", "mean"), dice_std=("dice", lambda s: s.std(ddof=1) if len(s) > 1 else float("nan")),
         n_repeats=("dice", "size"), n_seeds=("n_seeds", "max")).reset_index()
     return out
@@ -500,7 +578,7 @@ def plot_per_case(rows: list[Row], paper: str | None, stem: Path) -> list[Path]:
             warnings.simplefilter("ignore", DeprecationWarning)
             sns.boxplot(data=sub, x="method", y="Dice (%)", ax=ax, color="#cfd8e6", fliersize=0)
         sns.stripplot(data=sub, x="method", y="Dice (%)", ax=ax, color="#1f3b73", size=3, jitter=0.2)
-        ax.set_title(f"{n} labeled ({rows[0].protocol})")
+        ax.set_title(f"{n} labeled ({rows[0].protocol}, {rows[0].precision})")
         ax.set_xlabel("")
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle("Per-case Dice (mean over seeds, each method's own post-processing)")
@@ -530,7 +608,7 @@ def plot_ablation(rows: list[Row], paper: str | None, stem: Path) -> list[Path]:
                 ax.plot(x, fig_p.dice, "kD", markersize=5)
             if not row.runs:
                 ax.text(x, lo, "missing", ha="center", va="bottom", fontsize=8, color="#a00000")
-        ax.set_title(f"{n} labeled ({rows[0].protocol}); bars: ours, mean ± sd over seeds; ◆ paper")
+        ax.set_title(f"{n} labeled ({rows[0].protocol}, {rows[0].precision}); bars: ours, mean ± sd over seeds; ◆ paper")
         ax.set_xlabel("")
         ax.tick_params(axis="x", rotation=30)
         ax.set_ylim(lo - 2, 100)
@@ -545,10 +623,14 @@ def plot_fig3(summary: pd.DataFrame, paper: str | None, variant: str, stem: Path
     fig, axes = plt.subplots(1, len(labeled), figsize=(4.8 * len(labeled), 3.6), squeeze=False, sharey=True)
     for ax, n in zip(axes[0], labeled):
         sub = summary[summary["labeled"] == n]
-        for method, g in sub.groupby("method", sort=False):
+        several = summary["precision"].nunique() > 1 if "precision" in summary.columns else False
+        keys = ["method", "precision"] if "precision" in summary.columns else ["method"]
+        for key, g in sub.groupby(keys, sort=False):
+            method = key[0] if isinstance(key, tuple) else key
+            label = published.display_name(method, paper) + (f" ({key[1]})" if several else "")
             g = g.sort_values("ratio")
             ax.errorbar(100 * g["ratio"], 100 * g["dice_mean"], yerr=100 * g["dice_std"].fillna(0), marker="o",
-                        markersize=3, capsize=2, label=published.display_name(method, paper))
+                        markersize=3, capsize=2, label=label)
         ax.set_title(f"{n} labeled")
         ax.set_xlabel("cube side / volume side (%)" if variant == "A" else "occluded proportion of the volume (%)")
         ax.set_ylabel("Dice (%)")
@@ -568,13 +650,29 @@ def report_methods() -> set[str]:
     return set(PLANNED_METHODS) | set(registry())
 
 
+def imported_roots(rows: list[Row]) -> list[str]:
+    """Data roots of the runs trained on an imported data set (config.json ``data.imported`` set), sorted."""
+    roots = set()
+    for row in rows:
+        for run in row.runs:
+            data = run.config.get("data") if isinstance(run.config.get("data"), dict) else {}
+            if data.get("imported") is not None:
+                roots.add(str(data.get("root")))
+    return sorted(roots)
+
+
 def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion: Path | None = None,
                  echo=click.echo) -> dict:
     exp = experiment if isinstance(experiment, Experiment) else load_experiment(experiment, methods=report_methods())
     runs_dir = Path(runs_dir).resolve()
     out = Path(out if out is not None else Path("results") / exp.name).resolve()
     rows = collect(exp, runs_dir)
+    imported = imported_roots(rows)
+    if imported and exp.paper:  # the published numbers are LA's: never set beside another data set's runs
+        echo(f"runs on an imported data set ({imported[0]}): the published LA numbers are not shown")
+        exp = dataclasses.replace(exp, paper=None)
     protocols = list(dict.fromkeys(r.protocol for r in rows))
+    precisions = precisions_of(exp)
     written: dict[str, Path] = {}
 
     csv_df = csv_table(rows, exp.paper)
@@ -591,12 +689,20 @@ def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion
              "own publication (§5). " if exp.paper else "")
           + "Empty: empty predictions / evaluated cases over all seeds. Train+eval min: training + evaluation wall time "
           "of the cell's runs together (a reused stage 1 included), on the device named. Missing cells are shown as "
-          "missing.\n"]
+          "missing. One table per protocol and precision (METHODS.md Decision 7; `table.csv` has a precision "
+          "column): runs of different precision are never averaged or paired.\n"]
+    if imported:
+        md.append(f"\nRuns trained on an imported data set ({', '.join(imported)}): the published numbers are LA's and "
+                  "are not shown.\n")
     tex = []
-    for protocol in protocols:
-        prow = [r for r in rows if r.protocol == protocol]
+    for protocol, precision in ((pr, pc) for pr in protocols for pc in precisions):
+        prow = [r for r in rows if r.protocol == protocol and r.precision == precision]
+        if not prow:
+            continue
+        suffix = "" if len(precisions) == 1 else f"_{precision}"
         body = main_table_rows(prow, exp.paper)
-        md += [f"\n## Protocol: {protocol}\n\n", markdown_table(MAIN_HEADER, body)]
+        md += [f"\n## Protocol: {protocol} · precision {precision}\n\n", markdown_table(MAIN_HEADER, body)]
+        md.append(legacy_notes(prow))
         if any(r.note == FALLBACK_NOTE for r in prow):
             md.append("\n" + FALLBACK_TEXT + "\n")
         notes = sorted({f"{published.display_name(r.method, exp.paper)} {r.labeled}: {f.note}"
@@ -604,17 +710,17 @@ def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion
                         if f is not None and f.note})
         if notes:
             md.append("\nNotes on the paper's numbers: " + "; ".join(notes) + ".\n")
-        md += [f"\nWithout and with largest-connected-component post-processing ({protocol}):\n\n",
+        md += [f"\nWithout and with largest-connected-component post-processing ({protocol}) at precision {precision}:\n\n",
                markdown_table(LCC_HEADER, lcc_table_rows(prow, exp.paper))]
         selection = selection_table_rows(prow, exp.paper) if protocol == "literature" else []
         if selection:
             md += ["\nThe same literature runs at their test-selected checkpoint and at their last weights "
                    "(how much the selection on the test set adds; a second stage still starts from the first stage's "
                    "selection):\n\n", markdown_table(SELECTION_HEADER, selection)]
-        tex.append(latex_table(MAIN_HEADER, body, f"{exp.title}: protocol {protocol}"))
-        plots = [(f"dice_per_case_{protocol}", plot_per_case)]
+        tex.append(latex_table(MAIN_HEADER, body, f"{exp.title}: protocol {protocol}, precision {precision}"))
+        plots = [(f"dice_per_case_{protocol}{suffix}", plot_per_case)]
         if exp.paper == "table2":
-            plots.append((f"ablation_{protocol}", plot_ablation))
+            plots.append((f"ablation_{protocol}{suffix}", plot_ablation))
         for stem, plot in plots:
             for p in plot(prow, exp.paper, out / stem):
                 written[p.name] = p
@@ -671,13 +777,17 @@ def occlusion_section(exp: Experiment, source: Path, out: Path, written: dict) -
         written[p.name] = p
     ratios = sorted(summary["ratio"].unique())
     header = ["Method", "Labeled", "Seeds"] + [f"{100 * r:g}%" for r in ratios]
-    body = []
-    for (method, labeled), g in summary.groupby(["method", "labeled"], sort=False):
-        by = {r: (100 * m, 100 * s) for r, m, s in zip(g["ratio"], g["dice_mean"], g["dice_std"])}
-        body.append([published.display_name(method, exp.paper), str(labeled), str(int(g["n_seeds"].max()))]
-                    + [fmt_stats(by.get(r)) for r in ratios])
+    tables = []
+    for precision in dict.fromkeys(summary["precision"]):
+        body = []
+        sub = summary[summary["precision"] == precision]
+        for (method, labeled), g in sub.groupby(["method", "labeled"], sort=False):
+            by = {r: (100 * m, 100 * s) for r, m, s in zip(g["ratio"], g["dice_mean"], g["dice_std"])}
+            body.append([published.display_name(method, exp.paper), str(labeled), str(int(g["n_seeds"].max()))]
+                        + [fmt_stats(by.get(r)) for r in ratios])
+        tables.append(f"Precision {precision}:\n\n" + markdown_table(header, body))
     return head + "Dice (%) mean ± std over repeats (case mean per repeat, averaged over seeds).\n\n" + \
-        markdown_table(header, body)
+        "\n".join(tables)
 
 
 def reproduction_markdown(sections: list[tuple[Experiment, list[Row]]], runs_dir: Path | None = None) -> str:
@@ -687,27 +797,30 @@ def reproduction_markdown(sections: list[tuple[Experiment, list[Row]]], runs_dir
              "(voxels) under the method's own post-processing (LCC column). `honest` evaluates the last checkpoint; "
              "`literature` repeats the reference's best-on-test selection (Decisions 2). Regenerated by "
              "`ssl-bench report table1` or `table2`" + (f" from `{runs_dir}`" if runs_dir else "") + ".\n"]
-    for exp, rows in sections:
-        lines.append(f"\n## {exp.title}\n\n")
-        header = ["Method", "Labeled", "Paper Dice / Jac / 95HD / ASD", "Protocol", "Seeds", "LCC",
-                  "Ours Dice / Jac / 95HD / ASD", "Ours − paper (Dice)"]
-        body = []
-        pairs = list(dict.fromkeys((r.labeled, r.method) for r in rows))
-        for labeled, method in pairs:
-            fig = published.paper_figure(exp.paper, method, labeled)
-            for row in (r for r in rows if (r.labeled, r.method) == (labeled, method)):
-                n = f"{len(row.runs)}/{len(row.planned)}"
-                paper_txt = fmt_four(fig.value(m) for m in METRICS) if fig else "–"
-                if row.runs:
-                    means = [metric_stats(row, row.post, m)[0] for m in METRICS]
-                    ours = fmt_four(means)
-                    diff = fmt(means[0] - fig.dice, signed=True) if fig else "–"
-                    lcc = "yes" if row.post == "lcc" else "no"
-                else:
-                    ours, diff, lcc = "missing", "–", "–"
-                body.append([published.display_name(method, exp.paper), str(labeled), paper_txt, row.protocol_label,
-                             n, lcc, ours, diff])
-        lines.append(markdown_table(header, body))
+    for exp, all_rows in sections:
+        for precision in dict.fromkeys(r.precision for r in all_rows):
+            rows = [r for r in all_rows if r.precision == precision]
+            lines.append(f"\n## {exp.title} · precision {precision}\n\n")
+            header = ["Method", "Labeled", "Paper Dice / Jac / 95HD / ASD", "Protocol", "Seeds", "LCC",
+                      "Ours Dice / Jac / 95HD / ASD", "Ours − paper (Dice)"]
+            body = []
+            pairs = list(dict.fromkeys((r.labeled, r.method) for r in rows))
+            for labeled, method in pairs:
+                fig = published.paper_figure(exp.paper, method, labeled)
+                for row in (r for r in rows if (r.labeled, r.method) == (labeled, method)):
+                    n = f"{len(row.runs)}/{len(row.planned)}"
+                    paper_txt = fmt_four(fig.value(m) for m in METRICS) if fig else "–"
+                    if row.runs:
+                        means = [metric_stats(row, row.post, m)[0] for m in METRICS]
+                        ours = fmt_four(means)
+                        diff = fmt(means[0] - fig.dice, signed=True) if fig else "–"
+                        lcc = "yes" if row.post == "lcc" else "no"
+                    else:
+                        ours, diff, lcc = "missing", "–", "–"
+                    body.append([published.display_name(method, exp.paper), str(labeled), paper_txt, row.protocol_label,
+                                 n, lcc, ours, diff])
+            lines.append(markdown_table(header, body))
+            lines.append(legacy_notes(rows))
     return "".join(lines)
 
 

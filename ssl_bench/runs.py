@@ -127,8 +127,8 @@ def save_checkpoint(obj, folder: Path) -> None:
     """Write ``folder/last.pt``, keeping the checkpoint it replaces as ``folder/previous.pt``.
 
     The new file is written and synced completely before anything is renamed, so a failing write
-    leaves both generations as they were; a crash between the two renames leaves ``previous.pt``
-    (and :func:`load_checkpoint` falls back to it).
+    leaves both generations as they were. ``last.pt`` is never absent: the old one is linked to
+    ``previous.pt`` before the new one replaces it atomically.
     """
     folder = Path(folder)
     last = folder / LAST
@@ -138,13 +138,21 @@ def save_checkpoint(obj, folder: Path) -> None:
         kept = "the previous checkpoint is intact" if last.is_file() else "nothing was changed"
         raise UserError(f"checkpoint not written: cannot write {last} ({exc.reason}); {kept}: free space (or fix "
                         f"the file system) and continue with --resume") from None
+    keep = folder / f".{PREVIOUS}.{os.getpid()}.tmp"
     try:
         if last.is_file():
-            os.replace(last, folder / PREVIOUS)
+            # previous.pt becomes the old last.pt through a second name (a hard link, else a copy), so
+            # last.pt exists at every moment: a kill anywhere here leaves a loadable last.pt
+            try:
+                os.link(last, keep)
+            except OSError:
+                shutil.copy2(last, keep)
+            os.replace(keep, folder / PREVIOUS)
         os.replace(tmp, last)
     except OSError as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, keep):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
         raise UserError(f"checkpoint not written: cannot rename in {folder} ({exc.strerror or exc}); fix the "
                         f"file system and continue with --resume") from None
     _fsync_dir(folder)

@@ -88,7 +88,9 @@ def classify(cells: list[Cell], runs_dir: Path, gpus_per_trial: float, resume: b
             if not resume:
                 incomplete.append(cell)
                 continue
-            stored = read_json(stored_path)["config"]
+            from .trainer import with_precision
+
+            stored = with_precision(read_json(stored_path)["config"])  # precision inferred for an older folder
             diff = [k for k in wanted if k != "device" and stored.get(k) != wanted[k]]  # as the trainer's resume
             if diff:
                 k = diff[0]
@@ -175,11 +177,14 @@ def _start_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    # plugin methods named by SSL_BENCH_PLUGINS must load in the workers too (entry points are installed)
+    plugins = os.environ.get("SSL_BENCH_PLUGINS", "").strip()
+    extra = {"runtime_env": {"env_vars": {"SSL_BENCH_PLUGINS": plugins}}} if plugins else {}
     try:
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, **extra)
         else:
-            ray.init(include_dashboard=False, log_to_driver=False)
+            ray.init(include_dashboard=False, log_to_driver=False, **extra)
     except ConnectionError as exc:
         raise UserError(f"cannot join the Ray cluster at {address!r} ({exc})") from None
     return True

@@ -38,6 +38,32 @@ from .runs import (LAST, PREVIOUS, DamagedFileError, atomic_torch_save, atomic_w
                    load_torch, lock_folder, prepare_run_dir, provenance, read_json, save_checkpoint)
 
 PROTOCOLS = ("honest", "literature")
+#: declared numerics (METHODS.md Decision 7): fp32 (TF32 off), tf32 (the references' numerics on current GPUs:
+#: float32 tensors, TF32 convolutions/matmuls), bf16 and fp16 autocast (opt-in fast modes; fp16 with a gradient
+#: scaler per optimiser phase). On CPU tf32 computes exactly what fp32 computes; fp16 needs CUDA.
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+DEFAULT_PRECISION = "tf32"
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def recorded_precision(stored: dict, ran_on: str | None = None) -> str:
+    """The precision a stored config declares; for folders made before it was recorded, what they computed.
+
+    Before ``precision`` existed, ``fast`` (default true) meant bf16 autocast on CUDA; a CPU run, or a CUDA
+    run without the fast path, computed float32 with PyTorch's defaults (cuDNN TF32 on CUDA, same numerics
+    as fp32 on CPU): ``tf32``. ``ran_on`` is the device the run used (summary.json's ``device``), when known.
+    """
+    if stored.get("precision") is not None:
+        return stored["precision"]
+    device = str(ran_on if ran_on is not None else stored.get("device", "auto"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "bf16" if device.startswith("cuda") and stored.get("fast", True) else DEFAULT_PRECISION
+
+
+def with_precision(stored: dict, ran_on: str | None = None) -> dict:
+    """``stored`` with its (recorded or inferred, see :func:`recorded_precision`) precision filled in."""
+    return dict(stored, precision=recorded_precision(stored, ran_on))
 
 
 @dataclass
@@ -58,7 +84,8 @@ class RunConfig:
     eval_stride_z: int = 4
     eval_cases: int | None = None  # None: every case of test.list
     empty_policy: str = "penalty"
-    fast: bool = True  # CUDA fast path: data on the GPU, bf16 autocast, channels_last_3d, cudnn.benchmark
+    precision: str = DEFAULT_PRECISION  # PRECISIONS; part of what defines a run (Decision 7)
+    fast: bool = True  # CUDA fast-path switches besides precision: data on the GPU, channels_last_3d, cudnn.benchmark
     teacher: str | None = None  # a run folder whose stage 1 is reused instead of trained (multi-stage methods)
     options: dict = field(default_factory=dict)
 
@@ -77,6 +104,10 @@ class RunConfig:
             raise UserError(f"unknown empty-prediction policy {self.empty_policy!r}; choose penalty or zero")
         if self.eval_cases is not None and self.eval_cases < 1:
             raise UserError(f"--eval-cases must be at least 1, got {self.eval_cases}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise UserError(FP16_ON_CPU)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -84,11 +115,15 @@ class RunConfig:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "RunConfig":
+    def from_json(cls, d: dict, ran_on: str | None = None) -> "RunConfig":
+        """A stored config; one made before precision was recorded gets what it computed (recorded_precision)."""
         known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
+        d = {k: v for k, v in with_precision(d, ran_on).items() if k in known}
         d["patch"] = tuple(d["patch"])
         return cls(**d)
+
+
+FP16_ON_CPU = "--precision fp16 needs a CUDA GPU; on CPU use fp32, tf32 (the same numerics there) or bf16"
 
 
 PROFILES = {
@@ -182,9 +217,12 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.split = data.split(cfg.labeled)
         self.test_ids = list(self.split.test[: cfg.eval_cases] if cfg.eval_cases else self.split.test)
-        self.cuda_fast = self.device.type == "cuda" and cfg.fast
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise UserError(FP16_ON_CPU)
+        self.cuda_fast = self.device.type == "cuda" and cfg.fast  # the fast-path switches besides precision
+        self.amp_dtype = AUTOCAST_DTYPES.get(cfg.precision)  # None: no autocast (fp32, tf32)
         self.eval_settings = EvalSettings(patch=cfg.patch, stride_xy=cfg.eval_stride_xy, stride_z=cfg.eval_stride_z,
-                                          amp=self.cuda_fast, empty_policy=cfg.empty_policy)
+                                          precision=cfg.precision, empty_policy=cfg.empty_policy)
         self.ctx = StageContext(labeled=cfg.labeled, patch=tuple(cfg.patch), n_filters=cfg.n_filters,
                                 iterations=cfg.iterations, options=dict(cfg.options))
         known = {name for cls in self.spec.stages for name in cls.known_options}
@@ -227,22 +265,36 @@ class Trainer:
                 raise UserError(f"data changed: case {case} ({self.data.case_path(case)}) differs from the file {where} "
                                 f"(sha256 in its config.json); {what_to_do}")
 
+    def numerics(self) -> dict:
+        """What the run computes with, as set up on its device: precision, autocast, TF32, the other switches."""
+        cuda = self.device.type == "cuda"
+        return {"precision": self.cfg.precision,
+                "autocast": {"bf16": "bfloat16", "fp16": "float16"}.get(self.cfg.precision),
+                "grad_scaler": self.cfg.precision == "fp16",
+                "tf32": (self.cfg.precision != "fp32") if cuda else None,  # no TF32 on CPU
+                "data_on_device": self.cuda_fast, "channels_last_3d": self.cuda_fast,
+                "cudnn_benchmark": self.cuda_fast if cuda else None,
+                "cudnn_deterministic": (not self.cuda_fast) if cuda else None}
+
     def write_config(self) -> None:
         used = self.used_ids()
         cfg_json = self.cfg.to_json()
         atomic_write_json(self.out / "config.json", {
             "config": cfg_json,
+            "numerics": self.numerics(),
             "method": self.describe(),
             "split": {"labeled": list(self.split.labeled), "n_unlabeled": len(self.split.unlabeled),
                       "unlabeled": list(self.split.unlabeled), "test": self.test_ids},
             "data": {"root": str(self.data.root), "sha256": self.data_sums(used),
+                     # an imported data set's settings (ssl_bench_dataset.json); None for the LA release
+                     "imported": self.data.dataset_settings(),
                      "listed_sha256_file": self.data.listed_sums() is not None},
             "provenance": provenance(),
         })
 
     def check_resumable(self) -> None:
         config = read_json(self.out / "config.json")
-        stored = config["config"]
+        stored = with_precision(config["config"], str(self.device))  # a folder from before precision was recorded
         mine = self.cfg.to_json()
         # the device may change (e.g. a sweep resumed on other hardware); everything that defines the run may not
         diff = [k for k in mine if k != "device" and stored.get(k) != mine[k]]
@@ -327,12 +379,12 @@ class Trainer:
         if not src.is_file():
             raise UserError(f"--teacher {run_dir}: no finished stage 1 (stages/stage1.pt)")
         config = read_json(run_dir / "config.json")
-        theirs = config["config"]
+        theirs = with_precision(config["config"], _summary_device(run_dir))
         handed = load_stage_file(src, "retrain the teacher run or pass another --teacher")
         want = type(self.stages[0]).__name__
         if handed.get("stage_class") != want:
             raise UserError(f"--teacher {run_dir}: its stage 1 is {handed.get('stage_class')}, {self.spec.name} needs {want}")
-        for key in ("labeled", "patch", "n_filters", "protocol"):
+        for key in ("labeled", "patch", "n_filters", "protocol", "precision"):
             mine = self.cfg.to_json()[key]
             if theirs.get(key) != mine:
                 raise UserError(f"--teacher {run_dir}: its {key} is {theirs.get(key)!r}, this run's is {mine!r}")
@@ -368,12 +420,23 @@ class Trainer:
         atomic_write_text(log, "".join(ln + "\n" for ln in lines))
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda_fast else nullcontext()
+        """bf16/fp16 autocast on the run's device (CPU bf16 too, so tests exercise it); none for fp32/tf32."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
 
     def _setup_backend(self) -> None:
+        """Process-wide backend flags for training and evaluation: TF32 (off only for fp32) and cuDNN's modes."""
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = self.cfg.fast
             torch.backends.cudnn.deterministic = not self.cfg.fast
+            tf32 = self.cfg.precision != "fp32"
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+
+    def make_scalers(self, stage) -> dict:
+        """fp16: one gradient scaler per optimiser phase (e.g. SASSNet's discriminator phase too); otherwise none."""
+        if self.cfg.precision != "fp16":
+            return {}
+        return {phase: torch.amp.GradScaler(self.device.type) for phase in stage.phases}
 
     def build_stage(self, k: int, previous):
         stage = self.stages[k]
@@ -393,17 +456,28 @@ class Trainer:
                            seed=self.cfg.seed + 1000 * k, storage=storage, device=self.device,
                            keep_last=stage.keep_last_batch)
 
-    def train_step(self, stage, nets, opts, batch, it0: int) -> dict:
-        """One iteration: every phase's loss, backward and optimiser step, then the stage's after-step."""
+    def train_step(self, stage, nets, opts, batch, it0: int, scalers: dict | None = None) -> dict:
+        """One iteration: every phase's loss, backward and optimiser step, then the stage's after-step.
+
+        ``scalers`` (fp16, :meth:`make_scalers`): the phase's gradient scaler scales its loss, unscales and
+        checks the gradients of its optimiser before the step (skipped on inf/nan), then updates its scale.
+        """
         stage.train_modes(nets)
         logs = {}
+        scalers = scalers or {}
         for phase in stage.phases:
             for opt in opts.values():
                 opt.zero_grad(set_to_none=True)
             with self._autocast():
                 loss, parts = stage.losses(phase, nets, batch, it0)
-            loss.backward()
-            opts[phase].step()
+            scaler = scalers.get(phase)
+            if scaler is None:
+                loss.backward()
+                opts[phase].step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opts[phase])
+                scaler.update()
             logs["loss" if phase == "main" else f"loss_{phase}"] = loss.detach()
             logs.update({k: (v.detach() if torch.is_tensor(v) else v) for k, v in parts.items()})
         stage.after_step(nets, it0)
@@ -413,6 +487,7 @@ class Trainer:
         self._setup_backend()
         stage, nets = self.build_stage(k, previous)
         opts = stage.optimizers(nets)
+        scalers = self.make_scalers(stage)
         stream = self.make_stream(k, stage)
         iters = self.stage_iterations(k)
         selection = stage.literature_selection if self.cfg.protocol == "literature" else None
@@ -429,6 +504,12 @@ class Trainer:
             self._restore_cuda_rng(state)
             start, best, elapsed_before = state["iteration"], state["best"], state["elapsed_s"]
             stage.load_extra_state(state.get("extra"))
+            for name, scaler in scalers.items():
+                saved = (state.get("scalers") or {}).get(name)
+                if saved is None:
+                    raise UserError(f"cannot resume {self.out}: its checkpoint has no fp16 gradient-scaler state "
+                                    f"for phase {name!r}; restart it with `ssl-bench run ... --overwrite`")
+                scaler.load_state_dict(saved)
         for opt in opts.values():
             for g in opt.param_groups:
                 g["lr"] = stage.lr(start) if opt is opts["main"] else g["lr"]
@@ -443,7 +524,7 @@ class Trainer:
                 batch = stream.next()
                 if self.cuda_fast:
                     batch.image = batch.image.contiguous(memory_format=torch.channels_last_3d)
-                logs = self.train_step(stage, nets, opts, batch, it0)
+                logs = self.train_step(stage, nets, opts, batch, it0, scalers)
                 done = it0 + 1
                 lr = stage.lr(done)
                 for g in opts["main"].param_groups:
@@ -468,7 +549,7 @@ class Trainer:
                 elapsed = elapsed_before + time.perf_counter() - t0
                 interrupt = stop.requested or (stop_at is not None and stop_at == (k + 1, done))
                 if done % self.cfg.checkpoint_every == 0 or done == iters or interrupt:
-                    self._save_state(k, done, stage, nets, opts, stream, best, elapsed, timings)
+                    self._save_state(k, done, stage, nets, opts, stream, best, elapsed, timings, scalers)
                 if interrupt:
                     bar.close()
                     raise Interrupted(f"interrupted at {key} iteration {done}; continue with --resume")
@@ -495,7 +576,7 @@ class Trainer:
     def _save_weights(self, stage, nets, path: Path, iteration: int, selection: str) -> None:
         atomic_torch_save({"weights": self._weights(stage, nets), "iteration": iteration, "selection": selection}, path)
 
-    def _save_state(self, k, done, stage, nets, opts, stream, best, elapsed, timings) -> None:
+    def _save_state(self, k, done, stage, nets, opts, stream, best, elapsed, timings, scalers=None) -> None:
         # plain data only (tensors, numbers, strings, lists, dicts): --resume loads it with weights_only=True
         save_checkpoint({
             "stage": k, "iteration": done, "best": best, "elapsed_s": elapsed, "timings": dict(timings),
@@ -505,6 +586,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "extra": stage.extra_state(),
+            "scalers": {n: s.state_dict() for n, s in (scalers or {}).items()},  # fp16 only; plain numbers
         }, self.out / "checkpoints")
 
     def _restore_cuda_rng(self, state) -> None:
@@ -548,6 +630,7 @@ class Trainer:
         return stage, handed, rows, eval_t, checkpoint
 
     def evaluate(self, timings: dict | None = None) -> dict:
+        self._setup_backend()  # TF32 and cuDNN flags as the run declares, also when `ssl-bench eval` calls this
         if timings is None:  # read before anything is rewritten: a damaged summary.json stops here
             old = self.out / "summary.json"
             timings = read_json(old).get("timings", {}) if old.is_file() else {}
@@ -557,6 +640,7 @@ class Trainer:
         summary = {
             "method": self.spec.name, "labeled": self.cfg.labeled, "seed": self.cfg.seed,
             "protocol": self.cfg.protocol, "profile": self.cfg.profile,
+            "precision": self.cfg.precision, "numerics": self.numerics(),
             "checkpoint": checkpoint,
             "best_on_test": handed.get("best_on_test"),
             "selection_note": handed.get("selection_note"),
@@ -573,6 +657,15 @@ class Trainer:
             summary["last"] = {"checkpoint": ck_last, "metrics": summarize(rows_last)}
         atomic_write_json(self.out / "summary.json", summary)
         return summary
+
+
+def _summary_device(run_dir: Path) -> str | None:
+    """The device a finished run used (its summary.json), for folders made before precision was recorded."""
+    try:
+        summary = read_json(Path(run_dir) / "summary.json")
+    except (UserError, OSError):
+        return None
+    return summary.get("device") if isinstance(summary, dict) else None
 
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:
@@ -604,7 +697,8 @@ def load_run(run_dir: Path, data_dir=None, device: str | None = None, progress: 
     config_path = run_dir / "config.json"
     stored = read_json(config_path)
     try:
-        cfg = RunConfig.from_json(stored["config"])
+        legacy = isinstance(stored["config"], dict) and stored["config"].get("precision") is None
+        cfg = RunConfig.from_json(stored["config"], _summary_device(run_dir) if legacy else None)
         cfg.validate()
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{config_path} is damaged (its config section: {type(exc).__name__}: {exc}); it cannot be "

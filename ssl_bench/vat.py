@@ -17,6 +17,15 @@ off (:func:`bn_stats_frozen`); they normalise with batch statistics in train mod
 running mean/var and ``num_batches_tracked`` unchanged. The target forward of step 1 is outside that
 block, as in the reference, so in train mode it updates the running statistics once; pass ``target``
 to skip that forward.
+
+Precision (METHODS.md Decision 7): with ``full_precision=True`` (the default) every VAT forward — the
+target, the power iteration and the perturbed one — runs in float32 with autocast switched off, whatever
+precision the run trains in. Under bf16/fp16 autocast a convolution casts its input to the low
+precision, and an ε = 10 unit-norm perturbation of a 112×112×80 crop is about 0.009 per voxel, near
+bf16's spacing (0.0078 in [1, 2)): the network would see a quantised perturbation (measured: cosine
+≈ 0.975 to the intended ε·d, many voxels losing it entirely). In float32 it sees x + ε·d itself; the
+target is computed with the same numerics as the perturbed predictions it is compared with.
+``full_precision=False`` keeps whatever autocast is active (the unfaithful path, kept for the tests).
 """
 from __future__ import annotations
 
@@ -68,7 +77,8 @@ def vat_perturbation(prob_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.T
 
 def vat_loss(prob_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *,
              distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], xi: float = 10.0, eps: float = 10.0,
-             ip: int = 1, bn_module: nn.Module | None = None, target: torch.Tensor | None = None) -> torch.Tensor:
+             ip: int = 1, bn_module: nn.Module | None = None, target: torch.Tensor | None = None,
+             full_precision: bool = True) -> torch.Tensor:
     """VAT loss distance(prob_fn(x + ε·d), p) with gradient to the network (steps 1–4 above).
 
     Args:
@@ -82,12 +92,19 @@ def vat_loss(prob_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *
         bn_module: the network whose normalisation layers stop tracking running statistics during
             the perturbed forwards; None leaves them as they are.
         target: the clean prediction p; None computes prob_fn(x) under ``no_grad`` (the reference).
+        full_precision: run every VAT forward in float32 with autocast off (see the module notes).
     """
-    if target is None:
-        with torch.no_grad():
-            target = prob_fn(x)
-    target = target.detach()
-    frozen = bn_stats_frozen(bn_module) if bn_module is not None else nullcontext()
-    with frozen:
-        d = vat_perturbation(prob_fn, x, target, distance=distance, xi=xi, ip=ip)
-        return distance(prob_fn(x + eps * d), target)
+    precise = torch.autocast(x.device.type, enabled=False) if full_precision else nullcontext()
+    with precise:
+        if full_precision:
+            x = x.float()
+        if target is None:
+            with torch.no_grad():
+                target = prob_fn(x)
+        target = target.detach()
+        if full_precision:
+            target = target.float()
+        frozen = bn_stats_frozen(bn_module) if bn_module is not None else nullcontext()
+        with frozen:
+            d = vat_perturbation(prob_fn, x, target, distance=distance, xi=xi, ip=ip)
+            return distance(prob_fn(x + eps * d), target)

@@ -233,3 +233,17 @@ def test_a_finished_folder_without_config_is_refused_by_sweep_and_report(runs, t
         classify(_plan(), runs, 0.0, resume=False)
     with pytest.raises(UserError, match=f"{VNET_S1} has summary.json but no config.json"):
         _report(runs, tmp_path)
+
+
+def test_runs_on_an_imported_data_set_are_never_set_beside_the_published_la_numbers(runs, tmp_path):
+    published_vnet = "82.74 / 71.72 / 13.35 / 3.26"  # §5.1's V-Net at 8 labels
+    assert published_vnet in (_report(runs, tmp_path / "la")["table.md"]).read_text()
+    path = runs / VNET_S1 / "config.json"
+    stored = json.loads(path.read_text())
+    stored["data"]["imported"] = {"patch": [112, 112, 80], "eval_stride_xy": 18, "eval_stride_z": 4}
+    path.write_text(json.dumps(stored))
+    said = []
+    written = write_report(FIX / "experiment.toml", runs, tmp_path / "imported" / "out", echo=said.append)
+    table = written["table.md"].read_text()
+    assert published_vnet not in table and "90.23 / 82.34" not in table
+    assert "imported data set" in table and any("published LA numbers are not shown" in s for s in said)
