@@ -31,6 +31,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -137,19 +138,20 @@ def _instrumented(stage_classes, recorder_ref: list):
                     setattr(cls, attr, value)
 
 
-def _differences(a, b, path="", out=None) -> list[str]:
+def state_differences(a, b, path="", out=None) -> list[str]:
+    """Where two nested states (dicts, lists, tensors, numbers) differ, wall times ignored; [] when identical."""
     out = [] if out is None else out
     if isinstance(a, dict) and isinstance(b, dict):
         if set(a) != set(b):
             out.append(f"{path}: keys {sorted(map(str, set(a) ^ set(b)))}")
         for k in set(a) & set(b):
             if k not in ("elapsed_s", "timings", "train_s", "eval_s", "it_per_s"):  # wall times
-                _differences(a[k], b[k], f"{path}/{k}", out)
+                state_differences(a[k], b[k], f"{path}/{k}", out)
     elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         if len(a) != len(b):
             out.append(f"{path}: length {len(a)} vs {len(b)}")
         for i, (x, y) in enumerate(zip(a, b)):
-            _differences(x, y, f"{path}[{i}]", out)
+            state_differences(x, y, f"{path}[{i}]", out)
     elif torch.is_tensor(a) or torch.is_tensor(b):
         if not (torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape
                 and torch.equal(a, b)):
@@ -281,14 +283,14 @@ def _check(name, data_dir, workdir, options, iterations, patch, n_filters, label
             if rec.losses != first_rec.losses:
                 _fail(name, f"{what} losses: {first_rec.losses} vs {rec.losses}")
             for k, (a, b) in enumerate(zip(_stage_weights(first_out, n_stages), _stage_weights(out, n_stages)), 1):
-                diff = _differences(a, b)
+                diff = state_differences(a, b)
                 if diff:
                     _fail(name, f"{what} stage {k} weights ({', '.join(diff[:3])})")
             # 4. (resumed) networks, optimisers, RNG and stream state of the final checkpoint
-            diff = _differences(first_last, _last_checkpoint(out))
+            diff = state_differences(first_last, _last_checkpoint(out))
             if diff:
                 _fail(name, f"{what} final checkpoint ({', '.join(diff[:3])})")
-            diff = _differences(first["metrics"], summary["metrics"])
+            diff = state_differences(first["metrics"], summary["metrics"])
             if diff:
                 _fail(name, f"{what} metrics ({', '.join(diff[:3])})")
 
@@ -301,7 +303,32 @@ def _check(name, data_dir, workdir, options, iterations, patch, n_filters, label
             if not 0.0 <= float(m["dice"]) <= 1.0:
                 _fail(name, f"Dice under {post!r} is {m['dice']}, not in [0, 1]")
         again = evaluate_run(first_out, data, progress=False)
-        diff = _differences(first["metrics"], again["metrics"])
+        diff = state_differences(first["metrics"], again["metrics"])
         if diff:
             _fail(name, f"re-evaluating the run folder gives different metrics ({', '.join(diff[:3])})")
         return {"summary": first, "losses": list(first_rec.losses)}
+
+
+def make_tiny_la(root, n_train: int = 8, n_test: int = 2, shape=(24, 24, 20), seed: int = 0) -> Path:
+    """A tiny data set in the LA release layout at ``root``: each case a bright 16×16×12 box (its label) in noise.
+
+    Small enough for a method to train a few iterations at a 16³ patch in seconds (tests, plugin checks).
+    """
+    import h5py
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    ids = [f"TINY{i:02d}" for i in range(n_train + n_test)]
+    for case in ids:
+        label = np.zeros(shape, np.uint8)
+        o = rng.integers(0, 6, 3)
+        label[o[0]:o[0] + 16, o[1]:o[1] + 16, o[2]:o[2] + 12] = 1
+        image = (1.5 * label + rng.normal(0.0, 0.5, shape)).astype(np.float32)
+        path = root / "2018LA_Seg_Training Set" / case / "mri_norm2.h5"
+        path.parent.mkdir(parents=True)
+        with h5py.File(path, "w") as f:
+            f.create_dataset("image", data=image)
+            f.create_dataset("label", data=label)
+    (root / "train.list").write_text("".join(i + "\n" for i in ids[:n_train]))
+    (root / "test.list").write_text("".join(i + "\n" for i in ids[n_train:]))
+    return root

@@ -28,3 +28,14 @@ def demo_root(tmp_path_factory) -> Path:
     from ssl_bench.demo import make_demo
 
     return make_demo(tmp_path_factory.mktemp("demo") / "LA")
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (on a shared 2-core machine, 2 threads can run far slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,8 +10,6 @@ import json
 import shutil
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 import torch
 
@@ -20,37 +18,16 @@ from ssl_bench.errors import UserError
 from ssl_bench.experiments import PLANNED_METHODS, load_experiment
 from ssl_bench.report import collect, write_report
 from ssl_bench.sweep import classify, run_sweep
+from ssl_bench.testing import make_tiny_la
 from ssl_bench.trainer import Trainer, build_config, run_training
 
 FIX = Path(__file__).parent / "fixtures" / "report"  # hand-made finished run folders (tests/test_report.py)
 PATCH = (16, 16, 16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def make_tiny_la(root: Path, n_train: int = 8, n_test: int = 2, shape=(24, 24, 20), seed: int = 0) -> Path:
-    """LA release layout; each case a bright 16×16×12 box (its label) in noise."""
-    rng = np.random.default_rng(seed)
-    ids = [f"TINY{i:02d}" for i in range(n_train + n_test)]
-    for case in ids:
-        label = np.zeros(shape, np.uint8)
-        o = rng.integers(0, 6, 3)
-        label[o[0]:o[0] + 16, o[1]:o[1] + 16, o[2]:o[2] + 12] = 1
-        image = (1.5 * label + rng.normal(0.0, 0.5, shape)).astype(np.float32)
-        path = root / "2018LA_Seg_Training Set" / case / "mri_norm2.h5"
-        path.parent.mkdir(parents=True)
-        with h5py.File(path, "w") as f:
-            f.create_dataset("image", data=image)
-            f.create_dataset("label", data=label)
-    (root / "train.list").write_text("".join(i + "\n" for i in ids[:n_train]))
-    (root / "test.list").write_text("".join(i + "\n" for i in ids[n_train:]))
-    return root
 
 
 # ------------------------------------------------------------------ literature: best-on-test per stage

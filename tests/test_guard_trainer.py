@@ -11,9 +11,7 @@ thread here (this 2-core machine is shared; comparisons are within one thread co
 """
 import copy
 import shutil
-from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -22,6 +20,7 @@ from torch import nn
 from ssl_bench.data import LAData
 from ssl_bench.errors import Interrupted
 from ssl_bench.method import Stage, registry
+from ssl_bench.testing import make_tiny_la, state_differences
 from ssl_bench.trainer import Trainer, build_config, run_training
 
 PATCH = (16, 16, 16)
@@ -29,31 +28,9 @@ PATCH = (16, 16, 16)
 METHODS = ("vnet", "uamt", "sassnet", "dtc", "ssnet", "bcp", "omf", "omf-s1", "omf-s1-orgloss", "omf-s1-s2")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def make_tiny_la(root: Path, n_train: int = 8, n_test: int = 2, shape=(24, 24, 20), seed: int = 0) -> Path:
-    """LA release layout; each case a bright 16×16×12 box (its label, ~45 % of the volume) in noise."""
-    rng = np.random.default_rng(seed)
-    ids = [f"TINY{i:02d}" for i in range(n_train + n_test)]
-    for case in ids:
-        label = np.zeros(shape, np.uint8)
-        o = rng.integers(0, 6, 3)
-        label[o[0]:o[0] + 16, o[1]:o[1] + 16, o[2]:o[2] + 12] = 1
-        image = (1.5 * label + rng.normal(0.0, 0.5, shape)).astype(np.float32)
-        path = root / "2018LA_Seg_Training Set" / case / "mri_norm2.h5"
-        path.parent.mkdir(parents=True)
-        with h5py.File(path, "w") as f:
-            f.create_dataset("image", data=image)
-            f.create_dataset("label", data=label)
-    (root / "train.list").write_text("".join(i + "\n" for i in ids[:n_train]))
-    (root / "test.list").write_text("".join(i + "\n" for i in ids[n_train:]))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -319,26 +296,6 @@ def _instrument(monkeypatch, classes, holder):
         monkeypatch.setattr(cls, "optimizers", recording_optimizers)
 
 
-def _differences(a, b, path="", out=None):
-    out = [] if out is None else out
-    if isinstance(a, dict) and isinstance(b, dict):
-        if set(a) != set(b):
-            out.append(f"{path}: keys {sorted(map(str, set(a) ^ set(b)))}")
-        for k in set(a) & set(b):
-            if k not in ("elapsed_s", "timings"):  # wall times
-                _differences(a[k], b[k], f"{path}/{k}", out)
-    elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        if len(a) != len(b):
-            out.append(f"{path}: length {len(a)} vs {len(b)}")
-        for i, (x, y) in enumerate(zip(a, b)):
-            _differences(x, y, f"{path}[{i}]", out)
-    elif torch.is_tensor(a) or torch.is_tensor(b):
-        if not (torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape
-                and torch.equal(a, b)):
-            out.append(path)
-    elif a != b:
-        out.append(f"{path}: {a!r} vs {b!r}")
-    return out
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -380,14 +337,14 @@ def test_interrupted_and_resumed_equals_uninterrupted(method, tiny_root, tmp_pat
         runs[kind] = (rec, out)
 
     (full, full_out), (cut, cut_out) = runs["full"], runs["cut"]
-    assert not _differences(full.extra, cut.extra), "the stage state (extra_state) each iteration starts from"
+    assert not state_differences(full.extra, cut.extra), "the stage state (extra_state) each iteration starts from"
     last_full = torch.load(full_out / "checkpoints/last.pt", weights_only=False)
     last_cut = torch.load(cut_out / "checkpoints/last.pt", weights_only=False)
-    assert not _differences(last_full, last_cut)
+    assert not state_differences(last_full, last_cut)
     for k in range(1, n_stages + 1):
         a = torch.load(full_out / f"stages/stage{k}.pt", weights_only=False)
         b = torch.load(cut_out / f"stages/stage{k}.pt", weights_only=False)
-        assert a["iteration"] == b["iteration"] == ITERS and not _differences(a["weights"], b["weights"])
+        assert a["iteration"] == b["iteration"] == ITERS and not state_differences(a["weights"], b["weights"])
 
     if method == "sassnet":  # the discriminator's Adam state came through the resume: one step per iteration
         adam = last_cut["optimizers"]["disc"]["state"]

@@ -8,8 +8,6 @@ Data: a tiny hand-made LA-layout set (24×24×20 volumes); check_method's own de
 import os
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,37 +15,17 @@ from torch import nn
 from ssl_bench import method as method_mod
 from ssl_bench.losses import cross_entropy
 from ssl_bench.method import Stage, register, registry
-from ssl_bench.testing import MethodContractError, check_method
+from ssl_bench.testing import MethodContractError, check_method, make_tiny_la
 
 BUILTIN = sorted(name for name, spec in registry().items() if spec.origin == "built-in")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("contract") / "LA"
-    rng = np.random.default_rng(0)
-    ids = [f"TINY{i:02d}" for i in range(10)]
-    for case in ids:
-        label = np.zeros((24, 24, 20), np.uint8)
-        o = rng.integers(0, 6, 3)
-        label[o[0]:o[0] + 16, o[1]:o[1] + 16, o[2]:o[2] + 12] = 1
-        image = (1.5 * label + rng.normal(0.0, 0.5, label.shape)).astype(np.float32)
-        path = root / "2018LA_Seg_Training Set" / case / "mri_norm2.h5"
-        path.parent.mkdir(parents=True)
-        with h5py.File(path, "w") as f:
-            f.create_dataset("image", data=image)
-            f.create_dataset("label", data=label)
-    (root / "train.list").write_text("".join(i + "\n" for i in ids[:8]))
-    (root / "test.list").write_text("".join(i + "\n" for i in ids[8:]))
-    return root
+    return make_tiny_la(tmp_path_factory.mktemp("contract") / "LA")
 
 
 def test_the_seven_methods_and_their_variants_are_all_checked():
