@@ -45,6 +45,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10 with tomli install
 
 from .errors import UserError
 from .runs import PROJECT_ROOT
+from .precision import DEFAULT_PRECISION, PRECISIONS  # noqa: F401  (torch-free)
 
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
 LA_TRAIN_CASES = 80  # train.list of the LA release (§1.2); a labeled count must lie in 1..80
@@ -62,9 +63,6 @@ PLANNED_METHODS = ("vnet", "uamt", "sassnet", "dtc", "ssnet", "bcp", "omf", "omf
 TOP_KEYS = {"title", "description", "paper", "compare_to", "profile", "seeds", "protocols", "precision", "run", "grid",
             "occlusion"}
 BLOCK_KEYS = {"methods", "labeled", "seeds", "protocols", "precision", "profile", "run"}
-#: RunConfig precisions (ssl_bench.trainer.PRECISIONS; repeated here so that parsing needs no torch)
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
-DEFAULT_PRECISION = "tf32"
 OCCLUSION_KEYS = {"variant", "ratios", "repeats"}
 #: RunConfig settings a [run] table may set (method/labeled/seed/protocol/profile are axes; teacher is the sweep's)
 RUN_KEYS = {"iterations", "patch", "n_filters", "device", "checkpoint_every", "log_every", "selection_every",

@@ -12,7 +12,7 @@ sweep`` refuses it.
 Precision (METHODS.md Decision 7) is part of every row's identity: the tables come one per protocol
 and precision (the heading names it, the CSVs have a ``precision`` column), so runs of different
 precision are never averaged or paired. A run folder made before precision was recorded is named
-below its table with what it computed (``ssl_bench.trainer.recorded_precision``: bf16 autocast for a
+below its table with what it computed (``ssl_bench.precision.recorded_precision``: bf16 autocast for a
 CUDA run with the old fast path, otherwise tf32 — fp32 numerics on CPU).
 
 What it writes to ``results/<experiment>/`` (atomically, ssl_bench.runs.atomic_write_text):
@@ -122,7 +122,7 @@ def load_run(cell: Cell, runs_dir: Path) -> Run | None:
         columns=["case", "post", *METRICS, "empty"])
     legacy = None
     if stored.get("precision") is None:
-        from .trainer import recorded_precision
+        from .precision import recorded_precision
 
         legacy = recorded_precision(stored, summary.get("device"))
     return Run(cell, summary, config, per_case, run_minutes(summary, config), summary.get("gpu"), legacy)

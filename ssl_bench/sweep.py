@@ -88,7 +88,7 @@ def classify(cells: list[Cell], runs_dir: Path, gpus_per_trial: float, resume: b
             if not resume:
                 incomplete.append(cell)
                 continue
-            from .trainer import with_precision
+            from .precision import with_precision
 
             stored = with_precision(read_json(stored_path)["config"])  # precision inferred for an older folder
             diff = [k for k in wanted if k != "device" and stored.get(k) != wanted[k]]  # as the trainer's resume

@@ -33,37 +33,14 @@ from .data import LAData, TrainStream
 from .errors import Interrupted, UserError
 from .evaluate import EvalSettings, evaluate_cases, mean_dice, summarize
 from .method import StageContext, get_method
+from .precision import (DEFAULT_PRECISION, FP16_ON_CPU, PRECISIONS, autocast_dtype,  # noqa: F401 (re-exported)
+                        recorded_precision, set_backend, with_precision)
+from .precision import make_scalers as _make_scalers, numerics as _numerics
 from .progress import Progress
 from .runs import (LAST, PREVIOUS, DamagedFileError, atomic_torch_save, atomic_write_json, atomic_write_text,
                    load_torch, lock_folder, prepare_run_dir, provenance, read_json, save_checkpoint)
 
 PROTOCOLS = ("honest", "literature")
-#: declared numerics (METHODS.md Decision 7): fp32 (TF32 off), tf32 (the references' numerics on current GPUs:
-#: float32 tensors, TF32 convolutions/matmuls), bf16 and fp16 autocast (opt-in fast modes; fp16 with a gradient
-#: scaler per optimiser phase). On CPU tf32 computes exactly what fp32 computes; fp16 needs CUDA.
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
-DEFAULT_PRECISION = "tf32"
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def recorded_precision(stored: dict, ran_on: str | None = None) -> str:
-    """The precision a stored config declares; for folders made before it was recorded, what they computed.
-
-    Before ``precision`` existed, ``fast`` (default true) meant bf16 autocast on CUDA; a CPU run, or a CUDA
-    run without the fast path, computed float32 with PyTorch's defaults (cuDNN TF32 on CUDA, same numerics
-    as fp32 on CPU): ``tf32``. ``ran_on`` is the device the run used (summary.json's ``device``), when known.
-    """
-    if stored.get("precision") is not None:
-        return stored["precision"]
-    device = str(ran_on if ran_on is not None else stored.get("device", "auto"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return "bf16" if device.startswith("cuda") and stored.get("fast", True) else DEFAULT_PRECISION
-
-
-def with_precision(stored: dict, ran_on: str | None = None) -> dict:
-    """``stored`` with its (recorded or inferred, see :func:`recorded_precision`) precision filled in."""
-    return dict(stored, precision=recorded_precision(stored, ran_on))
 
 
 @dataclass
@@ -121,9 +98,6 @@ class RunConfig:
         d = {k: v for k, v in with_precision(d, ran_on).items() if k in known}
         d["patch"] = tuple(d["patch"])
         return cls(**d)
-
-
-FP16_ON_CPU = "--precision fp16 needs a CUDA GPU; on CPU use fp32, tf32 (the same numerics there) or bf16"
 
 
 PROFILES = {
@@ -220,7 +194,7 @@ class Trainer:
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise UserError(FP16_ON_CPU)
         self.cuda_fast = self.device.type == "cuda" and cfg.fast  # the fast-path switches besides precision
-        self.amp_dtype = AUTOCAST_DTYPES.get(cfg.precision)  # None: no autocast (fp32, tf32)
+        self.amp_dtype = autocast_dtype(cfg.precision)  # None: no autocast (fp32, tf32)
         self.eval_settings = EvalSettings(patch=cfg.patch, stride_xy=cfg.eval_stride_xy, stride_z=cfg.eval_stride_z,
                                           precision=cfg.precision, empty_policy=cfg.empty_policy)
         self.ctx = StageContext(labeled=cfg.labeled, patch=tuple(cfg.patch), n_filters=cfg.n_filters,
@@ -267,14 +241,7 @@ class Trainer:
 
     def numerics(self) -> dict:
         """What the run computes with, as set up on its device: precision, autocast, TF32, the other switches."""
-        cuda = self.device.type == "cuda"
-        return {"precision": self.cfg.precision,
-                "autocast": {"bf16": "bfloat16", "fp16": "float16"}.get(self.cfg.precision),
-                "grad_scaler": self.cfg.precision == "fp16",
-                "tf32": (self.cfg.precision != "fp32") if cuda else None,  # no TF32 on CPU
-                "data_on_device": self.cuda_fast, "channels_last_3d": self.cuda_fast,
-                "cudnn_benchmark": self.cuda_fast if cuda else None,
-                "cudnn_deterministic": (not self.cuda_fast) if cuda else None}
+        return _numerics(self.cfg.precision, self.device.type, self.cuda_fast)
 
     def write_config(self) -> None:
         used = self.used_ids()
@@ -424,19 +391,10 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
 
     def _setup_backend(self) -> None:
-        """Process-wide backend flags for training and evaluation: TF32 (off only for fp32) and cuDNN's modes."""
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = self.cfg.fast
-            torch.backends.cudnn.deterministic = not self.cfg.fast
-            tf32 = self.cfg.precision != "fp32"
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            torch.backends.cudnn.allow_tf32 = tf32
+        set_backend(self.cfg.precision, self.device.type, self.cfg.fast)
 
     def make_scalers(self, stage) -> dict:
-        """fp16: one gradient scaler per optimiser phase (e.g. SASSNet's discriminator phase too); otherwise none."""
-        if self.cfg.precision != "fp16":
-            return {}
-        return {phase: torch.amp.GradScaler(self.device.type) for phase in stage.phases}
+        return _make_scalers(self.cfg.precision, self.device.type, stage.phases)
 
     def build_stage(self, k: int, previous):
         stage = self.stages[k]
