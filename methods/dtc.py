@@ -51,6 +51,10 @@ class DTC(Stage):
         # the reference computes the ramp before incrementing iter_num: t = completed iterations
         return self.consistency * sigmoid_rampup(it0 // 150, self.rampup_length)
 
+    def host_targets(self, batch):
+        # computed in the trainer's background thread while the previous iteration trains (Stage.host_targets)
+        return {"sdf": signed_distance_target(batch.label)}
+
     def losses(self, phase, nets, batch, it0):
         sdm, seg = nets["student"](batch.image)
         sdm, seg = sdm.float(), seg.float()  # losses in float32 whatever the autocast dtype
@@ -59,7 +63,10 @@ class DTC(Stage):
         y = (batch.label == 1).float()
 
         # supervised part on the labeled samples (§3.4): Dice-sq + β·MSE to the normalised SDM
-        sdm_gt = signed_distance_target(batch.label).to(sdm.device)
+        sdm_gt = (getattr(batch, "host_targets", None) or {}).get("sdf")
+        if sdm_gt is None:  # a batch that did not come through the trainer's prefetch
+            sdm_gt = signed_distance_target(batch.label)
+        sdm_gt = sdm_gt.to(sdm.device)
         mse_sdm = F.mse_loss(sdm[:nl, 0], sdm_gt)
         dice = dice_fg_sq(prob[:nl, 0], y)
         with torch.no_grad():  # logged only: the reference never adds it to the loss

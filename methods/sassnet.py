@@ -143,6 +143,10 @@ class SASSNet(Stage):
         """[1]·B_L + [0]·B_U: the reference's hard-coded [1, 1, 0, 0] for its 2 + 2 batch."""
         return torch.tensor([1] * n_labeled + [0] * n_unlabeled, dtype=torch.long, device=device)
 
+    def host_targets(self, batch):
+        # computed in the trainer's background thread while the previous iteration trains (Stage.host_targets)
+        return {"sdf": signed_distance_target(batch.label)}
+
     def losses(self, phase, nets, batch, it0):
         if phase == "main":
             return self._segmentation_step(nets, batch, it0)
@@ -161,8 +165,10 @@ class SASSNet(Stage):
         y = batch.label.float()
 
         dice = dice_fg_sq(torch.sigmoid(logit_l), (batch.label == 1).float())
-        with torch.no_grad():
-            sdm_gt = signed_distance_target(batch.label).to(sdm_l.device)
+        sdm_gt = (getattr(batch, "host_targets", None) or {}).get("sdf")
+        if sdm_gt is None:  # a batch that did not come through the trainer's prefetch
+            sdm_gt = signed_distance_target(batch.label)
+        sdm_gt = sdm_gt.to(sdm_l.device)
         sdf = F.mse_loss(sdm_l, sdm_gt)
         bce = F.binary_cross_entropy_with_logits(logit_l, y)  # logged only, never added (§3.3)
         supervised = dice + BETA * sdf

@@ -70,18 +70,37 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def _take(x: torch.Tensor, mask: torch.Tensor, count: int | None) -> torch.Tensor:
+    """``x[mask]`` (rows of x where the 1-D ``mask`` holds); with its ``count`` known, without a host sync.
+
+    Boolean indexing runs ``nonzero`` and waits for the device to learn the result's size; given the
+    size, ``nonzero_static`` yields the same indices in the same order, and indexing with them is the
+    very operation ``x[mask]`` performs after its ``nonzero`` (same values, same gradient).
+    """
+    if count is None:
+        return x[mask]
+    try:
+        index = torch.nonzero_static(mask, size=count)[:, 0]
+    except NotImplementedError:  # a build without it for this device: the same rows, with the sync
+        return x[mask]
+    return x[index]
+
+
 @torch.no_grad()
 def update_memory(memory: list, projected: torch.Tensor, labels: torch.Tensor, selectors,
-                  per_class: int = 32) -> list:
+                  per_class: int = 32, counts: list[int] | None = None) -> list:
     """§3.5 step 3: the new per-class memory from projected candidate vectors (K, D) and their classes (K,).
 
     A class with candidates gets all of them when there are at most ``per_class``; otherwise the
     candidates are scored with σ(selectors[c](·)), sorted ascending, and the first ``per_class``
-    (the lowest-scored) are kept. A class without candidates keeps ``memory[c]``.
+    (the lowest-scored) are kept. A class without candidates keeps ``memory[c]``. ``counts``: the
+    candidates per class, when already known (no host synchronisation here then).
     """
     new = list(memory)
     for c in range(len(memory)):
-        cand = projected[labels == c]
+        if counts is not None and counts[c] == 0:
+            continue
+        cand = _take(projected, labels == c, None if counts is None else counts[c])
         if cand.shape[0] == 0:
             continue
         if cand.shape[0] > per_class:
@@ -93,7 +112,7 @@ def update_memory(memory: list, projected: torch.Tensor, labels: torch.Tensor, s
 
 
 def class_contrastive_loss(queries: torch.Tensor, labels: torch.Tensor, memory: list, selectors_feat,
-                           selectors_mem, memory_weights: str = "code") -> torch.Tensor:
+                           selectors_mem, memory_weights: str = "code", counts: list[int] | None = None) -> torch.Tensor:
     """§3.5 steps 4–5: Σ_c mean_ij (1 - cos(q_i, k_j))·w_i·v_j / n_classes over classes with memory.
 
     Args:
@@ -104,6 +123,7 @@ def class_contrastive_loss(queries: torch.Tensor, labels: torch.Tensor, memory: 
         selectors_mem: per class the memory selector s^mem_c, fed the L2-normalised memory.
         memory_weights: "code" (each weight times its own reciprocal, (1/s)·s: 1 up to rounding) or "mean"
             (rescaled to mean 1).
+        counts: the queries per class, when already known (no host synchronisation here then).
     A class counts only when its memory has ≥ 2 vectors and it has ≥ 2 queries.
     """
     if memory_weights not in MEMORY_WEIGHT_MODES:
@@ -113,7 +133,9 @@ def class_contrastive_loss(queries: torch.Tensor, labels: torch.Tensor, memory: 
         mem = memory[c]
         if mem is None or mem.shape[0] < 2:
             continue  # no per-class copy of the queries of a class that cannot contribute
-        q_raw = queries[labels == c]
+        if counts is not None and counts[c] < 2:
+            continue
+        q_raw = _take(queries, labels == c, None if counts is None else counts[c])
         if q_raw.shape[0] < 2:
             continue
         with _no_autocast(queries.device):
@@ -180,24 +202,32 @@ class SSNet(Stage):
 
         # 2. correctly predicted foreground of the labeled samples
         correct_fg = (pred[:nl] == y) & (pred[:nl] == 1)
+        fg_flat, y_flat, u_flat = correct_fg.reshape(-1), y.reshape(-1), pred[nl:].reshape(-1)
+        # every data-dependent size of steps 3-5 in ONE host synchronisation (the sizes of the memory and
+        # of the per-class query sets); the selections below then run without waiting for the device
+        classes = range(N_CLASSES)
+        counts = torch.stack([(fg_flat & (y_flat == c)).sum() for c in classes]
+                             + [(y_flat == c).sum() for c in classes] + [(u_flat == c).sum() for c in classes]).tolist()
+        n_cand, n_lab, n_unl = counts[:N_CLASSES], counts[N_CLASSES:2 * N_CLASSES], counts[2 * N_CLASSES:]
 
         # 3. memory update: projection in eval mode (BN1d running stats), no gradient
-        cand = vox[:nl][correct_fg]
-        if cand.shape[0] > 0:
-            with torch.no_grad(), _no_autocast(cand.device):
+        vox_l = vox[:nl].reshape(-1, n_feat)  # one feature vector per labeled voxel
+        if sum(n_cand) > 0:
+            with torch.no_grad(), _no_autocast(vox.device):
+                cand = _take(vox_l, fg_flat, sum(n_cand))
                 with _eval_mode(net):
                     proj = net.projection_head(cand.float())
-                self.memory = update_memory(self.memory, proj, y[correct_fg], net.selectors_feat,
-                                            self.memory_per_class)
+                self.memory = update_memory(self.memory, proj, _take(y_flat, fg_flat, sum(n_cand)),
+                                            net.selectors_feat, self.memory_per_class, counts=n_cand)
 
         # 4. labeled class-separation loss, classes = ground truth
-        q_lab = net.prediction_head(net.projection_head(vox[:nl].reshape(-1, n_feat)))
-        cl_l = class_contrastive_loss(q_lab, y.reshape(-1), self.memory, net.selectors_feat, net.selectors_mem,
-                                      self.memory_weights)
+        q_lab = net.prediction_head(net.projection_head(vox_l))
+        cl_l = class_contrastive_loss(q_lab, y_flat, self.memory, net.selectors_feat, net.selectors_mem,
+                                      self.memory_weights, counts=n_lab)
         # 5. unlabeled class-separation loss, classes = argmax P (no threshold)
         q_unl = net.prediction_head(net.projection_head(vox[nl:].reshape(-1, n_feat)))
-        cl_u = class_contrastive_loss(q_unl, pred[nl:].reshape(-1), self.memory, net.selectors_feat,
-                                      net.selectors_mem, self.memory_weights)
+        cl_u = class_contrastive_loss(q_unl, u_flat, self.memory, net.selectors_feat,
+                                      net.selectors_mem, self.memory_weights, counts=n_unl)
 
         # supervised: DiceFG-lin on the foreground channel; CE logged only
         y_fg = (y == 1).float()

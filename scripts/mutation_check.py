@@ -68,8 +68,8 @@ def M(id, path, find, replace, tests, why):  # noqa: N802  (a compact table belo
 MUTANTS = [
     # -- data pipeline: split, augmentation, sampling (METHODS.md §1.2-§1.4) ----------------------
     M("d1", "ssl_bench/data.py",
-      "    label = torch.flip(torch.rot90(label, k, dims=(0, 1)), dims=(axis,))",
-      "    label = torch.flip(torch.rot90(label, k, dims=(0, 1)), dims=(1 - axis,))",
+      "    label = _flip(_rot90(label, k), axis)",
+      "    label = _flip(_rot90(label, k), 1 - axis)",
       DATA, "label flipped along another axis than its image"),
     M("d2", "ssl_bench/data.py",
       "    return image[sl], label[sl]",
@@ -173,8 +173,8 @@ MUTANTS = [
 
     # -- shared losses, ramps, EMA, SDF (METHODS.md §1.6-§1.7) -------------------------------------
     M("l1", "ssl_bench/losses.py",
-      "t.mul_(alpha).add_(s_data, alpha=1.0 - alpha)",
-      "t.mul_(1.0 - alpha).add_(s_data, alpha=alpha)",
+      "torch._foreach_mul_(t_params, alpha)\n        torch._foreach_add_(t_params, s_data, alpha=1.0 - alpha)",
+      "torch._foreach_mul_(t_params, 1.0 - alpha)\n        torch._foreach_add_(t_params, s_data, alpha=alpha)",
       LOSSES + TRAINER, "EMA weights swapped"),
     M("l2", "ssl_bench/losses.py",
       "return min(1.0 - 1.0 / (int(iteration0) + 1), float(cap))",
@@ -201,12 +201,12 @@ MUTANTS = [
       "pb = torch.sigmoid(_acc(b_logits))",
       LOSSES, "softmax-MSE target through a sigmoid"),
     M("l8", "ssl_bench/losses.py",
-      "        sdm = neg_term - pos_term",
-      "        sdm = pos_term - neg_term",
+      "    sdm = np.where(bg, neg_term, -pos_term)",
+      "    sdm = np.where(bg, -neg_term, pos_term)",
       LOSSES + method_tests("dtc"), "signed-distance target with the sign flipped"),
     M("l9", "ssl_bench/losses.py",
-      "        sdm[inner_boundary(fg)] = 0.0",
-      "        pass",
+      "    sdm[inner_boundary(fg)] = 0.0",
+      "    pass",
       LOSSES + method_tests("dtc"), "SDF boundary not set to 0"),
 
     # -- each method's total (METHODS.md §3) -------------------------------------------------------
@@ -343,8 +343,8 @@ MUTANTS = [
       '"jaccard": _jaccard_from_counts(inter, n_r + n_g),',
       METRICS, "Jaccard over the sum instead of the union"),
     M("q5", "ssl_bench/postprocess.py",
-      "structure=np.ones((3,) * m.ndim, dtype=bool)",
-      "structure=None",
+      "cc3d.connected_components(vol, connectivity=26, return_N=True)",
+      "cc3d.connected_components(vol, connectivity=6, return_N=True)",
       METRICS, "LCC with 6- instead of 26-connectivity"),
     M("q6", "ssl_bench/evaluate.py",
       "n = math.ceil((size - patch) / stride) + 1",
@@ -386,6 +386,32 @@ MUTANTS = [
       "            if diff:\n                problems.append(f\"{out} is not this cell",
       "            if False:\n                problems.append(f\"{out} is not this cell",
       SWEEP, "a finished folder with other settings counted as the cell"),
+
+    # -- this session: validation-split selection, data-set settings, prefetch, host-side SDF/LCC --------
+    M("v1", "ssl_bench/trainer.py",
+      'self.selection_ids = list(self.split.val) if cfg.protocol == "val" else self.test_ids',
+      "self.selection_ids = self.test_ids",
+      ["tests/test_val_protocol.py"], "`val` selects on the test set"),
+    M("v2", "ssl_bench/data.py",
+      "    val = split.unlabeled[-k:]",
+      "    val = split.unlabeled[:k]",
+      ["tests/test_val_protocol.py"], "validation cases not the last K of train.list"),
+    M("g1", "ssl_bench/trainer.py",
+      'values = {"method": method, "profile": profile, **(dataset_defaults or {}), **PROFILES[profile]}',
+      'values = {"method": method, "profile": profile, **PROFILES[profile]}',
+      ["tests/test_dataset_runs.py"], "an imported data set's patch and strides ignored"),
+    M("g2", "ssl_bench/evaluate.py",
+      'row.update(hd95=mm["hd95_mm"], asd=mm["asd_mm"])',
+      'row.update(hd95=mm["hd95_mm"])',
+      ["tests/test_dataset_runs.py"], "--units mm leaves ASD in voxels"),
+    M("p1", "ssl_bench/prefetch.py",
+      "        self._state = state\n",
+      "        self._state = None\n",
+      ["tests/test_host.py"] + TRAINER, "checkpointed stream state taken after the prefetched batch was drawn"),
+    M("h1", "ssl_bench/losses.py",
+      "    neg_max = np.max(np.where(bg, dist, zero))  # max EDT(bg)",
+      "    neg_max = np.max(dist)  # max EDT(bg)",
+      ["tests/test_host.py"] + LOSSES, "SDF background term normalised by the overall maximum"),
 ]
 
 

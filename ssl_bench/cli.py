@@ -63,14 +63,22 @@ def cli():
 @click.option("--patch", default=None, help="training/eval patch X,Y,Z (default 112,112,80)")
 @click.option("--n-filters", type=int, default=None, help="V-Net base width (default 16)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--protocol", type=click.Choice(["honest", "literature"]), default="honest", show_default=True,
-              help="honest: evaluate the last checkpoint; literature: best-on-test where the reference does it")
+@click.option("--protocol", type=click.Choice(["honest", "literature", "val"]), default="honest", show_default=True,
+              help="honest: evaluate the last checkpoint; literature: best-on-test where the reference does it; "
+                   "val: best on the validation cases (the last --val-cases of train.list) in every stage")
+@click.option("--val-cases", type=int, default=None,
+              help="--protocol val: how many of train.list's last cases select the checkpoint (default 8); they stay "
+                   "in the unlabeled pool")
+@click.option("--selection-every", type=int, default=None,
+              help="iterations between selections under literature/val (default: the reference's 200)")
 @click.option("--profile", type=click.Choice(["paper", "smoke", "demo"]), default="paper", show_default=True)
 @click.option("--checkpoint-every", type=int, default=None)
 @click.option("--eval-cases", type=int, default=None, help="evaluate only the first N test cases")
 @click.option("--empty-policy", type=click.Choice(["penalty", "zero"]), default=None,
               help="metrics of an empty prediction (default penalty: Dice 0, distances = volume diagonal)")
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16", "fp16"]), default=None, help=PRECISION_HELP)
+@click.option("--units", type=click.Choice(["voxel", "mm"]), default=None,
+              help="95HD/ASD units (default: the data set's, voxels for LA as in its literature; mm needs stored spacings)")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="a method's named option (repeatable), e.g. ssnet_memory_weights=mean")
 @click.option("--teacher", type=click.Path(path_type=Path), default=None,
@@ -79,15 +87,21 @@ def cli():
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
 @click.option("--overwrite", is_flag=True, help="replace an existing run folder")
 @click.option("--quiet", is_flag=True, help="no progress line")
-def run(method, labeled, data_dir, seed, iterations, patch, n_filters, device, protocol, profile, checkpoint_every,
-        eval_cases, empty_policy, precision, options, teacher, out, resume, overwrite, quiet):
+def run(method, labeled, data_dir, seed, iterations, patch, n_filters, device, protocol, val_cases, selection_every,
+        profile, checkpoint_every,
+        eval_cases, empty_policy, precision, units, options, teacher, out, resume, overwrite, quiet):
     """Train METHOD, evaluate it on the test set and write a self-describing run folder."""
+    from .data import LAData
     from .trainer import build_config, run_training
 
-    cfg = build_config(method, profile, labeled=labeled, seed=seed, iterations=iterations, patch=_patch(patch),
-                       n_filters=n_filters, device=device, protocol=protocol, checkpoint_every=checkpoint_every,
-                       eval_cases=eval_cases, empty_policy=empty_policy, precision=precision,
-                       teacher=str(teacher.resolve()) if teacher else None, options=_options(options))
+    given = dict(labeled=labeled, seed=seed, iterations=iterations, patch=_patch(patch), n_filters=n_filters,
+                 device=device, protocol=protocol, val_cases=val_cases, selection_every=selection_every,
+                 checkpoint_every=checkpoint_every, eval_cases=eval_cases, empty_policy=empty_policy,
+                 precision=precision, units=units, teacher=str(teacher.resolve()) if teacher else None,
+                 options=_options(options))
+    build_config(method, profile, **given)  # the options' own errors first, before the data is looked for
+    # an imported data set's own patch, strides and units are its defaults
+    cfg = build_config(method, profile, dataset_defaults=LAData(data_dir).run_defaults(), **given)
     out = out or _default_out(method, labeled, seed, protocol, profile, cfg.precision)
     summary = run_training(cfg, out, data_dir, resume=resume, overwrite=overwrite, progress=not quiet)
     _print_summary(summary, out)
@@ -208,20 +222,35 @@ def data_import(src, out, fmt, label, test_fraction, test_list, test_from, seed,
 
 
 @cli.command()
-@click.option("--method", default="vnet", show_default=True)
+@click.option("--method", "methods", multiple=True, default=("vnet",), show_default=True,
+              help="method to bench (repeatable; `all` = vnet uamt sassnet dtc ssnet bcp omf), after one preload")
 @click.option("--data", "data_dir", default=None, help=DATA_HELP)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--profile", type=click.Choice(["paper", "smoke", "demo"]), default="paper", show_default=True)
-@click.option("--iterations", type=int, default=None, help="timed iterations per path (default 50 on CUDA, 3 on CPU)")
+@click.option("--labeled", type=int, default=8, show_default=True, help="labeled cases of the split the streams draw from")
+@click.option("--iterations", type=int, default=None, help="timed iterations per stage and path (default 50 on CUDA, 3 on CPU)")
+@click.option("--warmup", type=int, default=None, help="untimed iterations before them (default 5 on CUDA, 1 on CPU)")
 @click.option("--eval-cases", type=int, default=None, help="test cases timed per path (default 20 on CUDA, 1 on CPU)")
-@click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16", "fp16"]), default="tf32", show_default=True,
-              help="the fast path's precision (the reference-style path is always tf32); " + PRECISION_HELP)
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="also write the measurement as JSON here")
-def bench(method, data_dir, device, profile, iterations, eval_cases, precision, out):
-    """Time training it/s and evaluation s/case: fast path vs reference-style path, same process."""
+@click.option("--precision", "precisions", type=click.Choice(["fp32", "tf32", "bf16", "fp16"]), multiple=True,
+              default=("tf32",), show_default=True,
+              help="the fast path's precision (repeatable: the fast path is timed at each); " + PRECISION_HELP)
+@click.option("--reference-precision", type=click.Choice(["fp32", "tf32"]), default="tf32", show_default=True,
+              help="the reference-style path's numerics: tf32 = the references' float32 on current GPUs, fp32 = TF32 off")
+@click.option("--path", "paths", type=click.Choice(["fast", "reference"]), multiple=True, default=("fast", "reference"),
+              show_default=True, help="which paths to time (repeatable)")
+@click.option("--window-batch", "window_batches", type=int, multiple=True,
+              help="also time the fast evaluation at this many windows per forward (repeatable; the run default is 8)")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="also write the measurement as JSON here (rewritten after each method)")
+def bench(methods, data_dir, device, profile, labeled, iterations, warmup, eval_cases, precisions, reference_precision,
+          paths, window_batches, out):
+    """Time training it/s, host ms/iteration and evaluation s/case (inference and LCC+metrics apart), peak
+    device memory: fast path vs reference-style path, same process, every case loaded before any timing."""
     from .bench import run_bench
 
-    run_bench(method, data_dir, device, profile, iterations, eval_cases, out, precision=precision)
+    run_bench(list(methods), data_dir, device, profile, iterations, eval_cases, out, precisions=list(precisions),
+              reference_precision=reference_precision, paths=list(paths), warmup=warmup, labeled=labeled,
+              window_batches=tuple(window_batches))
 
 
 from .occlusion import occlusion_command  # noqa: E402
@@ -230,6 +259,8 @@ from .sweep import sweep_command  # noqa: E402
 from .report import report_command  # noqa: E402
 cli.add_command(sweep_command)
 cli.add_command(report_command)
+from .curves import curves_command  # noqa: E402
+cli.add_command(curves_command)
 
 
 def main(argv=None) -> int:

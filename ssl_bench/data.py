@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
+from .dataset_settings import run_defaults_from
 from .errors import UserError
 
 ENV_VAR = "SSL_BENCH_DATA"
@@ -67,6 +68,26 @@ class Split:
     labeled: tuple[str, ...]
     unlabeled: tuple[str, ...]
     test: tuple[str, ...]
+    #: the `val` protocol's selection cases (Decision 8): the last K of train.list, inside the unlabeled pool
+    val: tuple[str, ...] = ()
+
+
+def with_validation(split: Split, k: int) -> Split:
+    """``split`` with its last K unlabeled cases (= the last K of train.list) as the validation cases.
+
+    They stay in the unlabeled pool, so training sees exactly what `honest` and `literature` see; only their
+    labels are new to the run, and those serve model selection alone (METHODS.md Decision 8).
+    """
+    if k < 1:
+        raise UserError(f"--val-cases must be at least 1, got {k}")
+    if k > len(split.unlabeled):
+        raise UserError(f"--val-cases {k} is more than the {len(split.unlabeled)} unlabeled cases (train.list minus the "
+                        f"{len(split.labeled)} labeled); the validation cases are the last of train.list, never labeled")
+    val = split.unlabeled[-k:]
+    clash = sorted((set(val) & set(split.labeled)) | (set(val) & set(split.test)))
+    if clash:  # cannot happen with distinct ids and disjoint lists; checked because selection must never see them
+        raise UserError(f"validation case {clash[0]} is also labeled or a test case")
+    return replace(split, val=tuple(val))
 
 
 class LAData:
@@ -84,10 +105,13 @@ class LAData:
     def case_path(self, case_id: str) -> Path:
         return self.root / CASES_DIR / case_id / H5_NAME
 
-    def split(self, labeled: int) -> Split:
+    def split(self, labeled: int, val_cases: int = 0) -> Split:
+        """§1.2's split; ``val_cases`` K > 0 (the `val` protocol) also names the last K of train.list as validation."""
         n = len(self.train_ids)
         if not 1 <= labeled <= n:
             raise UserError(f"--labeled must be between 1 and {n} (the training list has {n} cases), got {labeled}")
+        if val_cases:
+            return with_validation(self.split(labeled), val_cases)
         return Split(tuple(self.train_ids[:labeled]), tuple(self.train_ids[labeled:]), tuple(self.test_ids))
 
     def _read(self, case_id: str, image: bool) -> tuple[np.ndarray | None, np.ndarray]:
@@ -141,17 +165,7 @@ class LAData:
 
     def run_defaults(self) -> dict:
         """The RunConfig fields this data set sets (an imported one: patch, sliding-window strides); {} for LA."""
-        settings = self.dataset_settings() or {}
-        out = {}
-        try:
-            if "patch" in settings:
-                out["patch"] = tuple(int(v) for v in settings["patch"])
-            for key in ("eval_stride_xy", "eval_stride_z"):
-                if key in settings:
-                    out[key] = int(settings[key])
-        except (TypeError, ValueError):
-            raise UserError(f"{self.root / DATASET_RECORD}: invalid settings {settings}; re-import the data set") from None
-        return out
+        return run_defaults_from(self.dataset_settings(), self.root / DATASET_RECORD)
 
     def spacing(self, case_id: str) -> tuple[float, float, float] | None:
         """Voxel spacing in mm stored in the case's h5 (dataset ``spacing``), or None where absent (the LA release)."""
@@ -196,10 +210,22 @@ class LAData:
 
 # ---------------------------------------------------------------- augmentation (§1.3)
 
+def _rot90(x, k: int):
+    return np.rot90(x, k, axes=(0, 1)) if isinstance(x, np.ndarray) else torch.rot90(x, k, dims=(0, 1))
+
+
+def _flip(x, axis: int):
+    return np.flip(x, axis=axis) if isinstance(x, np.ndarray) else torch.flip(x, dims=(axis,))
+
+
 def rot_flip(image: torch.Tensor, label: torch.Tensor, k: int, axis: int):
-    """RandomRotFlip: rotate by k·90° in the plane of axes (0,1), then ALWAYS flip along `axis`."""
-    image = torch.flip(torch.rot90(image, k, dims=(0, 1)), dims=(axis,))
-    label = torch.flip(torch.rot90(label, k, dims=(0, 1)), dims=(axis,))
+    """RandomRotFlip: rotate by k·90° in the plane of axes (0,1), then ALWAYS flip along `axis`.
+
+    Tensors (and so the GPU) get copies; numpy arrays get views, so that on the CPU only the crop is ever
+    copied (TrainStream: whole-volume copies were most of a batch's host time). Same values either way.
+    """
+    image = _flip(_rot90(image, k), axis)
+    label = _flip(_rot90(label, k), axis)
     return image, label
 
 
@@ -209,6 +235,9 @@ def pad_for_crop(image: torch.Tensor, label: torch.Tensor, patch):
     if not any(s <= t for s, t in zip(shape, patch)):
         return image, label
     pads = [max((t - s) // 2 + 3, 0) for s, t in zip(shape, patch)]
+    if isinstance(image, np.ndarray):
+        width = [(p, p) for p in pads]
+        return np.pad(image, width), np.pad(label, width)  # zeros, as F.pad below
     spec = []
     for p in reversed(pads):  # F.pad takes the last axis first
         spec += [p, p]
@@ -285,6 +314,9 @@ class Batch:
     image: torch.Tensor
     label: torch.Tensor
     n_labeled: int
+    #: the stage's host-side per-batch targets (``Stage.host_targets``, e.g. DTC's signed distances), attached
+    #: by ssl_bench.prefetch; empty when none were computed, and a stage then computes them itself
+    host_targets: dict = field(default_factory=dict)
 
     @property
     def labeled_image(self) -> torch.Tensor:
@@ -310,9 +342,18 @@ class TrainStream:
     def _volume(self, case_id: str):
         if case_id not in self._volumes:
             image, label = self.data.load(case_id)
-            self._volumes[case_id] = (torch.from_numpy(image).to(self.storage),
-                                      torch.from_numpy(label).to(self.storage))
+            if self.storage.type == "cpu":  # numpy: augmentation works on views, only the crop is copied
+                self._volumes[case_id] = (image, label)
+            else:
+                self._volumes[case_id] = (torch.from_numpy(image).to(self.storage),
+                                          torch.from_numpy(label).to(self.storage))
         return self._volumes[case_id]
+
+    @staticmethod
+    def _stack(parts, dtype=None) -> torch.Tensor:
+        if isinstance(parts[0], np.ndarray):
+            return torch.from_numpy(np.stack(parts).astype(dtype or parts[0].dtype, copy=False))
+        return torch.stack([p if dtype is None else p.long() for p in parts])
 
     def next(self) -> Batch:
         lab, unl = self.sampler.next()
@@ -322,9 +363,9 @@ class TrainStream:
             image, label = augment(*self._volume(case_id), self.patch, self.rng)
             images.append(image)
             if n < len(lab):
-                labels.append(label.long())
-        image = torch.stack(images)[:, None].to(self.device, non_blocking=True)
-        label = torch.stack(labels).to(self.device, non_blocking=True)
+                labels.append(label)
+        image = self._stack(images)[:, None].to(self.device, non_blocking=True)
+        label = self._stack(labels, np.int64).to(self.device, non_blocking=True)
         return Batch(image.contiguous(), label.contiguous(), len(lab))
 
     def state_dict(self) -> dict:

@@ -9,9 +9,10 @@ block may override the file's defaults. Example (the keys are all the format has
     compare_to = "omf"            # reference of the paired Wilcoxon tests in the report
     profile = "paper"             # ssl_bench.trainer.PROFILES
     seeds = [1337, 1338, 1339]
-    protocols = ["honest", "literature"]
+    protocols = ["honest", "literature", "val"]   # val: selection on the validation cases (Decision 8)
     precision = "tf32"            # or a list, e.g. ["tf32", "bf16"]: an axis (METHODS.md Decision 7; default tf32)
-    [run]                         # RunConfig settings for every cell (e.g. iterations = 2)
+    [run]                         # RunConfig settings for every cell (e.g. iterations = 2; val_cases = 8 counts
+                                  # for the val cells only, so it never changes an honest or literature cell's ID)
     [[grid]]
     methods = ["vnet", "omf"]
     labeled = [8, 16]
@@ -49,7 +50,7 @@ from .precision import DEFAULT_PRECISION, PRECISIONS  # noqa: F401  (torch-free)
 
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
 LA_TRAIN_CASES = 80  # train.list of the LA release (§1.2); a labeled count must lie in 1..80
-PROTOCOLS = ("honest", "literature")
+PROTOCOLS = ("honest", "literature", "val")  # val: selection on the last K train.list cases (Decision 8)
 PAPER_TABLES = ("table1", "table2")
 #: `ssl-bench occlusion --variant` names (§3.7.8): "volume" = variant B (primary), "code" = variant A
 OCCLUSION_VARIANTS = ("volume", "code")
@@ -65,10 +66,12 @@ TOP_KEYS = {"title", "description", "paper", "compare_to", "profile", "seeds", "
 BLOCK_KEYS = {"methods", "labeled", "seeds", "protocols", "precision", "profile", "run"}
 OCCLUSION_KEYS = {"variant", "ratios", "repeats"}
 #: RunConfig settings a [run] table may set (method/labeled/seed/protocol/profile are axes; teacher is the sweep's)
-RUN_KEYS = {"iterations", "patch", "n_filters", "device", "checkpoint_every", "log_every", "selection_every",
-            "eval_stride_xy", "eval_stride_z", "eval_cases", "empty_policy", "fast", "options"}
+RUN_KEYS = {"iterations", "patch", "n_filters", "device", "checkpoint_every", "log_every", "selection_every", "val_cases",
+            "eval_stride_xy", "eval_stride_z", "eval_cases", "empty_policy", "units", "fast", "options"}
 #: settings that do not change what a run computes: left out of the cell ID and of the "same run?" check
 NON_DEFINING = {"device", "fast", "teacher", "log_every", "checkpoint_every"}
+#: settings added after run folders were first written: a stored config without one computed with this value
+ADDED_DEFAULTS = {"units": "voxel"}
 
 
 @dataclass(frozen=True)
@@ -98,16 +101,17 @@ class Cell:
     def run_dir(self, runs_dir: Path) -> Path:
         return Path(runs_dir) / self.id
 
-    def config(self, **extra):
-        """The RunConfig this cell trains with (``extra``: device, teacher path)."""
+    def config(self, dataset_defaults: dict | None = None, **extra):
+        """The RunConfig this cell trains with (``extra``: device, teacher path) on a data set whose own
+        settings are ``dataset_defaults`` (``LAData.run_defaults()``; None or {} for LA)."""
         from .trainer import build_config
 
         values = dict(self.overrides)
         if "patch" in values:
             values["patch"] = tuple(values["patch"])
         values.update(extra)
-        return build_config(self.method, self.profile, labeled=self.labeled, seed=self.seed,
-                            protocol=self.protocol, precision=self.precision, **values)
+        return build_config(self.method, self.profile, dataset_defaults=dataset_defaults, labeled=self.labeled,
+                            seed=self.seed, protocol=self.protocol, precision=self.precision, **values)
 
 
 def run_name(method: str, labeled: int, seed: int, protocol: str, profile: str = "paper",
@@ -295,7 +299,9 @@ def parse_experiment(raw: dict, path: Path, methods: set[str]) -> Experiment:
                 for p in protocols:
                     for prec in precisions:
                         for s in seeds:
-                            cell = Cell(m, n, s, p, profile, dict(run), precision=prec)
+                            # val_cases defines only `val` cells: honest/literature cells keep their IDs
+                            own = {k: v for k, v in run.items() if k != "val_cases" or p == "val"}
+                            cell = Cell(m, n, s, p, profile, own, precision=prec)
                             if cell.id in seen:
                                 fail(f"{at}: cell {cell.id} is already listed in {seen[cell.id]}")
                             seen[cell.id] = at
@@ -407,6 +413,7 @@ def same_run(stored: dict, wanted: dict) -> str | None:
     for key, value in wanted.items():
         if key in NON_DEFINING or (key == "precision" and "precision" not in stored):
             continue
-        if stored.get(key) != value:
-            return f"{key} is {stored.get(key)!r} there, the experiment asks for {value!r}"
+        theirs = stored.get(key, ADDED_DEFAULTS.get(key))
+        if theirs != value:
+            return f"{key} is {theirs!r} there, the experiment asks for {value!r}"
     return None

@@ -13,6 +13,7 @@ The returned losses are 0-d tensors (``softmax_mse`` excepted: it is element-wis
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Union
 
 import numpy as np
@@ -231,11 +232,14 @@ def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
     for t, s in zip(t_params, s_params):
         if t.shape != s.shape:
             raise ValueError(f"parameter shape mismatch: {tuple(t.shape)} vs {tuple(s.shape)}")
-        s_data = s.detach().to(device=t.device, dtype=t.dtype)
-        if alpha == 0.0:
-            t.copy_(s_data)
-        elif alpha != 1.0:
-            t.mul_(alpha).add_(s_data, alpha=1.0 - alpha)
+    s_data = [s.detach().to(device=t.device, dtype=t.dtype) for t, s in zip(t_params, s_params)]
+    # multi-tensor (foreach) kernels: a few launches per step instead of two per parameter, with the
+    # arithmetic of t.mul_(alpha).add_(s, alpha=1 - alpha) per parameter, so the same bits (not lerp)
+    if alpha == 0.0:
+        torch._foreach_copy_(t_params, s_data)
+    elif alpha != 1.0:
+        torch._foreach_mul_(t_params, alpha)
+        torch._foreach_add_(t_params, s_data, alpha=1.0 - alpha)
 
 
 def uamt_ema_alpha(iteration0: int, cap: float = 0.99) -> float:
@@ -277,13 +281,6 @@ def inner_boundary(fg: np.ndarray) -> np.ndarray:
     return fg & ~interior
 
 
-def _minmax(d: np.ndarray) -> np.ndarray:
-    lo, hi = float(d.min()), float(d.max())
-    if hi == lo:
-        return np.zeros_like(d, dtype=np.float64)
-    return (d - lo) / (hi - lo)
-
-
 def signed_distance_target(labels: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     """Normalised signed-distance target (DTC/SASSNet ``compute_sdf``), METHODS.md §1.6.
 
@@ -307,10 +304,13 @@ def signed_distance_target(labels: Union[np.ndarray, torch.Tensor]) -> torch.Ten
       EDT of an all-ones mask is not meaningful, and the reference code yields NaN here).
       An all-foreground sample therefore gets an all-zero target.
 
+    The distances come from ``edt`` (exact, multi-threaded; one pass over a two-label volume gives
+    both transforms: each voxel's distance to the nearest voxel of the other class, which is scipy's
+    EDT(fg) on foreground and EDT(bg) on background). Equal to the scipy definition within 1e-5
+    (tests/test_host.py); about 10x faster, which matters as DTC and SASSNet compute it every iteration.
+
     Returns a float32 tensor of the same shape, on ``labels``' device (CPU for numpy).
     """
-    from scipy.ndimage import distance_transform_edt
-
     if isinstance(labels, torch.Tensor):
         device = labels.device
         arr = labels.detach().cpu().numpy()
@@ -319,19 +319,54 @@ def signed_distance_target(labels: Union[np.ndarray, torch.Tensor]) -> torch.Ten
         arr = np.asarray(labels)
     if arr.ndim < 2:
         raise ValueError(f"labels must be (N, *spatial), got shape {arr.shape}")
-    out = np.zeros(arr.shape, dtype=np.float64)
+    out = np.zeros(arr.shape, dtype=np.float32)
+    threads = _edt_threads()  # edt's own threads (it holds the GIL: samples side by side in Python threads do not help)
     for b in range(arr.shape[0]):
-        fg = arr[b] != 0
-        if not fg.any():
-            continue
-        bg = ~fg
-        if bg.any():
-            neg_term = _minmax(distance_transform_edt(bg))
-            pos_term = _minmax(distance_transform_edt(fg))
-        else:
-            neg_term = np.zeros(fg.shape, dtype=np.float64)
-            pos_term = np.zeros(fg.shape, dtype=np.float64)
-        sdm = neg_term - pos_term
-        sdm[inner_boundary(fg)] = 0.0
-        out[b] = sdm
-    return torch.from_numpy(out.astype(np.float32)).to(device)
+        sdm = _sdf_sample(arr[b], threads)
+        if sdm is not None:
+            out[b] = sdm
+    return torch.from_numpy(out).to(device)
+
+
+def _sdf_sample(sample: np.ndarray, threads: int) -> Optional[np.ndarray]:
+    """The normalised signed distance of one sample (None: no foreground, an all-zero target)."""
+    fg = sample != 0
+    if not fg.any():
+        return None
+    bg = ~fg
+    if not bg.any():
+        return np.zeros(fg.shape, dtype=np.float32)  # both normalised terms are 0 (docstring)
+    dist = _two_class_edt(fg, threads)
+    # norm(EDT(bg)) - norm(EDT(fg)) without materialising either term: each term is 0 on the other class, so
+    # its min is 0 and its max is the max of `dist` over its own class (>= 1: both classes are present), and
+    # the difference is dist/max_bg on background and -dist/max_fg on foreground (float32, within 1e-6)
+    zero = np.float32(0.0)
+    neg_max = np.max(np.where(bg, dist, zero))  # max EDT(bg)
+    pos_max = np.max(np.where(fg, dist, zero))  # max EDT(fg)
+    neg_term, pos_term = dist / neg_max, dist / pos_max
+    sdm = np.where(bg, neg_term, -pos_term)
+    sdm[inner_boundary(fg)] = 0.0
+    return sdm
+
+
+def _edt_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+def _two_class_edt(fg: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Per voxel, the Euclidean distance (voxel units) to the nearest voxel of the other class (``edt``'s float32).
+
+    ``fg`` must hold both classes. Arrays of more than 3 dimensions (never a training batch) use scipy.
+    """
+    if fg.ndim > 3:
+        from scipy.ndimage import distance_transform_edt
+
+        return np.where(fg, distance_transform_edt(fg), distance_transform_edt(~fg))
+    import edt
+
+    two = np.ascontiguousarray(fg, dtype=np.uint8) + np.uint8(1)  # 1 background, 2 foreground: no 0 voxels
+    return edt.edt(two, black_border=False, parallel=threads)

@@ -87,6 +87,17 @@ class Stage(ABC):
         """Step schedule (§1.8): ×0.1 after every 2500 completed iterations."""
         return self.base_lr * 0.1 ** (done // 2500)
 
+    def host_targets(self, batch) -> dict:
+        """Per-batch targets computed on the host from the batch, before :meth:`losses` (optional; none by default).
+
+        The trainer computes them in a background thread while the previous iteration trains (issue 10:
+        e.g. DTC's and SASSNet's signed-distance targets) and attaches them to the batch as
+        ``batch.host_targets``. They must be a pure function of the batch: no random draws, no networks, no
+        stage state. :meth:`losses` must still compute a target itself when ``batch.host_targets`` lacks it
+        (a batch built by hand, a caller that bypasses the trainer), so the numbers are the same either way.
+        """
+        return {}
+
     def after_step(self, nets: dict[str, nn.Module], it0: int) -> None:
         """Runs after every optimiser phase of iteration ``it0`` (e.g. an EMA update)."""
 

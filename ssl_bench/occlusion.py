@@ -20,8 +20,8 @@ reproduces the clean numbers exactly.
 
 Output folder::
 
-    occlusion_per_case.csv   tidy: run, method, labeled, seed, protocol, variant, ratio, repeat, case,
-                             post (raw, lcc), paper_post, dice, jaccard, hd95, asd, empty
+    occlusion_per_case.csv   tidy: run, method, labeled, seed, protocol, precision, variant, ratio, repeat,
+                             case, post (raw, lcc), paper_post, dice, jaccard, hd95, asd, empty
     occlusion_summary.csv    per run, ratio and post: mean ± std over repeats of the per-case-mean metrics
     occlusion.json           settings, runs, skipped (case, ratio), the ratio-0 check, the summary table;
                              written first with "status": "running", last with "complete"
@@ -58,7 +58,7 @@ PER_CASE = "occlusion_per_case.csv"
 SUMMARY = "occlusion_summary.csv"
 BOXES = "boxes.csv"
 METRIC_COLS = ("dice", "jaccard", "hd95", "asd")
-TIDY_COLS = ("run", "method", "labeled", "seed", "protocol", "variant", "ratio", "repeat", "case", "post",
+TIDY_COLS = ("run", "method", "labeled", "seed", "protocol", "precision", "variant", "ratio", "repeat", "case", "post",
              "paper_post", *METRIC_COLS, "empty")
 BOX_COLS = ("variant", "occlusion_seed", "ratio", "repeat", "case", "dim_x", "dim_y", "dim_z",
             "x0", "y0", "z0", "sx", "sy", "sz", "occluded_fraction", "skipped", "reason")
@@ -212,6 +212,7 @@ class RunInfo:
     protocol: str
     profile: str
     paper_post: str
+    precision: str  # the run's declared (or, for an older folder, inferred) numerics, Decision 7
 
 
 def _load_runs(run_dirs, data_dir, device: str) -> list[RunInfo]:
@@ -237,7 +238,7 @@ def _load_runs(run_dirs, data_dir, device: str) -> list[RunInfo]:
         names.add(name)
         cfg = trainer.cfg
         runs.append(RunInfo(path, name, trainer, trainer.spec.name, cfg.labeled, cfg.seed, cfg.protocol,
-                            cfg.profile, paper_post))
+                            cfg.profile, paper_post, cfg.precision))
     return runs
 
 
@@ -357,7 +358,7 @@ def summarize_occlusion(rows: list[dict]) -> list[dict]:
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    keys = ["run", "method", "labeled", "seed", "protocol", "variant", "ratio", "post", "paper_post"]
+    keys = ["run", "method", "labeled", "seed", "protocol", "precision", "variant", "ratio", "post", "paper_post"]
     per_repeat = df.groupby(keys + ["repeat"], sort=False).agg(
         n_cases=("case", "size"), n_empty=("empty", "sum"), **{m: (m, "mean") for m in METRIC_COLS}).reset_index()
     out = []
@@ -410,6 +411,7 @@ def run_occlusion(run_dirs, ratios: str | None = None, step: float = 0.1, repeat
         "data": str(data.root), "test_cases": test_ids,
         "runs": [{"run": r.name, "path": str(r.path), "method": r.method, "labeled": r.labeled, "seed": r.seed,
                   "protocol": r.protocol, "profile": r.profile, "paper_post": r.paper_post,
+                  "precision": r.precision, "fast": r.trainer.cfg.fast, "numerics": r.trainer.numerics(),
                   "device": str(r.trainer.device)} for r in runs],
         "skipped": list(skipped.values()),
         "panel": {"case": shown[2], "ratio": shown[0], "repeat": shown[1], "z": shown[4]} if shown else None,
@@ -423,6 +425,9 @@ def run_occlusion(run_dirs, ratios: str | None = None, step: float = 0.1, repeat
     try:
         for run in runs:
             tr = run.trainer
+            # the run's own TF32 and cuDNN settings, as in training and `ssl-bench eval`, so that ratio 0
+            # reproduces its clean evaluation on CUDA too (each run may declare other numerics)
+            tr._setup_backend()
             stage, net, _ = tr.final_network()
             group = (run.method, run.labeled, run.protocol)
             for ratio, repeat, case, shape, box, _ in todo:
@@ -434,7 +439,8 @@ def run_occlusion(run_dirs, ratios: str | None = None, step: float = 0.1, repeat
                                               tr.device, image_fn=occ, progress=False, on_prediction=hook)
                 for r in case_rows:
                     rows.append({"run": run.name, "method": run.method, "labeled": run.labeled, "seed": run.seed,
-                                 "protocol": run.protocol, "variant": variant, "ratio": ratio, "repeat": repeat,
+                                 "protocol": run.protocol, "precision": run.precision, "variant": variant,
+                                 "ratio": ratio, "repeat": repeat,
                                  "case": case, "post": r["post"], "paper_post": r["post"] == run.paper_post,
                                  **{m: r[m] for m in METRIC_COLS}, "empty": bool(r["empty"])})
                 done += 1

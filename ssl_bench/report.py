@@ -24,6 +24,9 @@ What it writes to ``results/<experiment>/`` (atomically, ssl_bench.runs.atomic_w
   has one, seed count, empty predictions, and training+evaluation minutes of the cell's runs
   (including a stage 1 reused from another run). The CSV has every number, for both
   post-processings. A second Markdown table gives Dice and 95HD without and with LCC.
+- ``selection.csv`` and a "Model selection" section (ssl_bench/selection_report.py): honest, literature
+  and val Dice side by side, and per (method, labeled) the last, val-selected and best-on-test Dice
+  with their differences (best-on-test from the literature runs only; METHODS.md Decision 8).
 - ``wilcoxon.csv``: paired per-case Wilcoxon signed-rank tests (scipy.stats.wilcoxon, two-sided)
   of the reference method (``compare_to``, OMF) against every other method at the same labeled
   count and protocol; per-case Dice is first averaged over seeds. Posts: "own" (each method's
@@ -52,6 +55,7 @@ import numpy as np
 import pandas as pd
 
 from . import published
+from .dataset_settings import run_defaults_from
 from .errors import UserError
 from .experiments import (DEFAULT_PRECISION, LA_TRAIN_CASES, PLANNED_METHODS, PROTOCOLS, Cell, Experiment,
                           load_experiment, same_run)
@@ -115,7 +119,9 @@ def load_run(cell: Cell, runs_dir: Path) -> Run | None:
     if not isinstance(stored, dict):
         raise UserError(f"{d}: its config.json has no 'config' settings; move the folder away")
     # the cell's own settings; device and teacher folder do not define a run (same_run skips them)
-    diff = same_run(stored, cell.config().to_json())
+    # an imported data set's own patch and strides, as recorded by the run, are the cell's defaults
+    imported = config.get("data", {}).get("imported") if isinstance(config.get("data"), dict) else None
+    diff = same_run(stored, cell.config(dataset_defaults=run_defaults_from(imported, d / "config.json")).to_json())
     if diff:
         raise UserError(f"{d} is not the cell {cell.id} ({diff}); move it away or use another --runs-dir")
     per_case = pd.read_csv(d / "metrics_per_case.csv") if (d / "metrics_per_case.csv").is_file() else pd.DataFrame(
@@ -292,7 +298,7 @@ def fmt_four(values) -> str:
 
 # -- tables ---------------------------------------------------------------------------------------
 
-MAIN_HEADER = ["Method", "Labeled", "Unlabeled", "Protocol", "LCC", "Seeds", "Dice (%)", "Jaccard (%)", "95HD (vox)",
+MAIN_HEADER = ["Method", "Labeled", "Unlabeled", "Protocol", "Precision", "LCC", "Seeds", "Dice (%)", "Jaccard (%)", "95HD (vox)",
                "ASD (vox)", "Paper (§5.1) Dice / Jac / 95HD / ASD", "Ours − paper", "Own paper (§5)", "Empty",
                "Train+eval min (device)"]
 
@@ -306,7 +312,7 @@ def main_table_rows(rows: list[Row], paper: str | None) -> list[list[str]]:
         n = len(row.runs)
         seeds = str(n) if n == len(row.planned) else f"{n}/{len(row.planned)}"
         cells = [published.display_name(row.method, paper), str(row.labeled), str(unlabeled_count(row)),
-                 row.protocol_label]
+                 row.protocol_label, row.precision]
         if not row.runs:
             cells += ["–", seeds + " (missing)", "missing", "–", "–", "–"]
         else:
@@ -661,6 +667,23 @@ def imported_roots(rows: list[Row]) -> list[str]:
     return sorted(roots)
 
 
+UNIT_LABEL = {"voxel": ("vox", "voxels"), "mm": ("mm", "millimetres")}
+
+
+def distance_units(rows: list[Row]) -> str:
+    """The one unit of every run's 95HD/ASD (summary.json ``units``; older folders: voxels); mixed is refused."""
+    units = sorted({r.summary.get("units") or "voxel" for row in rows for r in row.runs})
+    if len(units) > 1:
+        raise UserError(f"the runs of this experiment report 95HD/ASD in different units ({', '.join(units)}); "
+                        f"give every cell the same `units` or report them separately")
+    return units[0] if units else "voxel"
+
+
+def main_header(units: str = "voxel") -> list[str]:
+    short = UNIT_LABEL[units][0]
+    return [h.replace("(vox)", f"({short})") for h in MAIN_HEADER]
+
+
 def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion: Path | None = None,
                  echo=click.echo) -> dict:
     exp = experiment if isinstance(experiment, Experiment) else load_experiment(experiment, methods=report_methods())
@@ -673,9 +696,12 @@ def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion
         exp = dataclasses.replace(exp, paper=None)
     protocols = list(dict.fromkeys(r.protocol for r in rows))
     precisions = precisions_of(exp)
+    units = distance_units(rows)
+    header = main_header(units)
     written: dict[str, Path] = {}
 
     csv_df = csv_table(rows, exp.paper)
+    csv_df["distance_units"] = units
     atomic_write_text(out / "table.csv", csv_df.to_csv(index=False))
     written["table.csv"] = out / "table.csv"
     tests = wilcoxon_tests(rows, exp.compare_to)
@@ -683,7 +709,7 @@ def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion
     written["wilcoxon.csv"] = out / "wilcoxon.csv"
 
     md = [f"# {exp.title}\n", f"Generated by `ssl-bench report {exp.name}` from the run folders in `{runs_dir}` "
-          f"(experiment file `{exp.path.name}`). Dice and Jaccard in %, 95HD and ASD in voxels; mean ± sample std "
+          f"(experiment file `{exp.path.name}`). Dice and Jaccard in %, 95HD and ASD in {UNIT_LABEL[units][1]}; mean ± sample std "
           "over seeds under each method's own post-processing (LCC column, METHODS.md §2.2). "
           + ("Paper: the OMF paper's own table (§5.1); ours − paper in the same units; own paper: the method's "
              "own publication (§5). " if exp.paper else "")
@@ -701,7 +727,7 @@ def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion
             continue
         suffix = "" if len(precisions) == 1 else f"_{precision}"
         body = main_table_rows(prow, exp.paper)
-        md += [f"\n## Protocol: {protocol} · precision {precision}\n\n", markdown_table(MAIN_HEADER, body)]
+        md += [f"\n## Protocol: {protocol} · precision {precision}\n\n", markdown_table(header, body)]
         md.append(legacy_notes(prow))
         if any(r.note == FALLBACK_NOTE for r in prow):
             md.append("\n" + FALLBACK_TEXT + "\n")
@@ -717,13 +743,21 @@ def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion
             md += ["\nThe same literature runs at their test-selected checkpoint and at their last weights "
                    "(how much the selection on the test set adds; a second stage still starts from the first stage's "
                    "selection):\n\n", markdown_table(SELECTION_HEADER, selection)]
-        tex.append(latex_table(MAIN_HEADER, body, f"{exp.title}: protocol {protocol}, precision {precision}"))
+        tex.append(latex_table(header, body, f"{exp.title}: protocol {protocol}, precision {precision}"))
         plots = [(f"dice_per_case_{protocol}{suffix}", plot_per_case)]
         if exp.paper == "table2":
             plots.append((f"ablation_{protocol}{suffix}", plot_ablation))
         for stem, plot in plots:
             for p in plot(prow, exp.paper, out / stem):
                 written[p.name] = p
+    from .selection_report import SELECTION_HEADER as SEL_HEADER, selection_section
+
+    section, sel_body, sel_csv = selection_section(rows, exp.paper)  # honest, literature and val side by side
+    md.append(section)
+    if sel_body:
+        tex.append(latex_table(SEL_HEADER, sel_body, f"{exp.title}: last, val-selected and best-on-test Dice (%)"))
+    atomic_write_text(out / "selection.csv", sel_csv.to_csv(index=False))
+    written["selection.csv"] = out / "selection.csv"
     md += [f"\n## Paired Wilcoxon signed-rank tests: {published.display_name(exp.compare_to or '-', exp.paper)} "
            "against every other method\n\nPer-case Dice averaged over seeds, each method's own post-processing, "
            "two-sided (scipy.stats.wilcoxon); `wilcoxon.csv` also has both methods raw and both with LCC.\n\n",

@@ -5,7 +5,10 @@
 - A cell whose run folder has ``summary.json`` is complete and skipped, after checking that it was
   made with the same defining settings (otherwise the sweep stops with the first difference).
 - Each trial asks Ray for ``--cpus-per-trial`` CPUs and ``--gpus-per-trial`` GPUs (fractions share a
-  GPU) and limits torch to as many threads as it has CPUs.
+  GPU) and limits torch to as many threads as it has CPUs. A trial on CUDA also caps its process's
+  caching allocator at its share of the GPU's memory (``torch.cuda.set_per_process_memory_fraction``
+  with the fraction it asked for), so one large trial (SS-Net peaks near 7 GB) cannot starve the trials
+  sharing its GPU; the cap is recorded per cell in status.json and in the cell's log.
 - A crashing trial is retried ``--max-failures`` times by Tune (FailureConfig); a retry continues
   the run folder from its last checkpoint. A cell that still fails is recorded as failed; the others
   go on. Attempts and tracebacks go to ``<runs-dir>/_sweeps/<experiment>/logs/<cell>.log``, the
@@ -57,22 +60,24 @@ def sweep_dir(runs_dir: Path, experiment: str) -> Path:
     return Path(runs_dir) / "_sweeps" / experiment
 
 
-def cell_config(cell: Cell, runs_dir: Path, gpus_per_trial: float) -> dict:
-    """The exact RunConfig (as JSON) a cell trains with: device from the resources, teacher folder absolute."""
+def cell_config(cell: Cell, runs_dir: Path, gpus_per_trial: float, dataset_defaults: dict | None = None) -> dict:
+    """The exact RunConfig (as JSON) a cell trains with: device from the resources, teacher folder absolute,
+    patch and strides from the data set (``LAData.run_defaults()``: an imported set's own; {} for LA)."""
     extra = {}
     if "device" not in cell.overrides:
         extra["device"] = "cuda" if gpus_per_trial > 0 else "cpu"
     if cell.teacher:
         extra["teacher"] = str(Path(runs_dir) / cell.teacher)
-    return cell.config(**extra).to_json()
+    return cell.config(dataset_defaults=dataset_defaults, **extra).to_json()
 
 
-def classify(cells: list[Cell], runs_dir: Path, gpus_per_trial: float, resume: bool):
+def classify(cells: list[Cell], runs_dir: Path, gpus_per_trial: float, resume: bool,
+             dataset_defaults: dict | None = None):
     """Split the plan into (to run, already complete); refuse stale or unresumable folders."""
     todo, complete, problems, incomplete = [], [], [], []
     for cell in cells:
         out = cell.run_dir(runs_dir)
-        wanted = cell_config(cell, runs_dir, gpus_per_trial)
+        wanted = cell_config(cell, runs_dir, gpus_per_trial, dataset_defaults)
         stored_path = out / "config.json"
         if (out / "summary.json").is_file():
             if not stored_path.is_file():
@@ -107,7 +112,25 @@ def classify(cells: list[Cell], runs_dir: Path, gpus_per_trial: float, resume: b
     return todo, complete
 
 
+def gpu_memory_fraction(gpus_per_trial: float, config: dict) -> float | None:
+    """The share of its GPU's memory a trial may allocate: its share of the GPU; None when it trains on CPU."""
+    if gpus_per_trial <= 0 or config.get("device") == "cpu":
+        return None
+    return float(min(gpus_per_trial, 1.0))
+
+
 # -- inside a Ray worker -------------------------------------------------------------------------
+
+def limit_gpu_memory(fraction: float | None) -> float | None:
+    """Cap this process's CUDA caching allocator at ``fraction`` of the device's memory (Ray exposes the
+    trial's one GPU as device 0); nothing on CPU. Returns the cap set (None: none)."""
+    import torch
+
+    if fraction is None or not torch.cuda.is_available():
+        return None
+    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    return fraction
+
 
 def _log(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,9 +159,11 @@ def _trial(config: dict) -> None:
 
     job = config["job"]
     torch.set_num_threads(max(1, int(job["threads"])))
+    cap = limit_gpu_memory(job.get("gpu_memory_fraction"))
     log = Path(job["log"])
     _log(log, f"{ATTEMPT}on {platform.node()} pid {os.getpid()}, {torch.get_num_threads()} threads, "
-              f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}")
+              f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, "
+              f"GPU memory cap {'none' if cap is None else f'{cap:g} of the device'}")
     try:
         summary = train_cell(job)
     except BaseException as exc:
@@ -211,6 +236,18 @@ def _is_stamp(token: str) -> bool:
     return True
 
 
+def _dataset_defaults(data_dir, dry_run: bool) -> dict:
+    """The data set's own patch and strides; a dry run without reachable data plans with LA's (none)."""
+    from .data import LAData
+
+    try:
+        return LAData(data_dir).run_defaults()
+    except UserError:
+        if dry_run:
+            return {}
+        raise
+
+
 def run_sweep(experiment, data_dir=None, runs_dir="runs", gpus_per_trial: float = 0.0, cpus_per_trial: int = 1,
               max_concurrent: int | None = None, address: str | None = None, resume: bool = False,
               max_failures: int = 2, dry_run: bool = False, echo=click.echo) -> dict:
@@ -231,15 +268,17 @@ def run_sweep(experiment, data_dir=None, runs_dir="runs", gpus_per_trial: float 
     # lives in <runs-dir>/_sweeps/.lock and is dropped by the operating system if this driver dies
     with (nullcontext() if dry_run else lock_sweeps(runs_dir)):
         cells = exp.plan()
-        todo, complete = classify(cells, runs_dir, gpus_per_trial, resume)
+        defaults = _dataset_defaults(data_dir, dry_run)
+        todo, complete = classify(cells, runs_dir, gpus_per_trial, resume, defaults)
         n_implicit = sum(c.implicit for c in cells)
         echo(f"sweep {exp.name}: {len(cells)} cells ({n_implicit} stage-1 providers added), "
              f"{len(complete)} complete, {len(todo)} to run; runs in {runs_dir}")
         state_dir = sweep_dir(runs_dir, exp.name)
         status = {c.id: {"state": "skipped", "attempts": 0, "error": None, "implicit": c.implicit, "teacher": c.teacher,
                          "run_dir": str(c.run_dir(runs_dir))} for c in cells}
-        for c in todo:
-            status[c.id].update(state="pending")
+        for c in todo:  # with the GPU memory cap its trial is given (a complete cell is not run)
+            status[c.id].update(state="pending", gpu_memory_fraction=gpu_memory_fraction(
+                gpus_per_trial, cell_config(c, runs_dir, gpus_per_trial, defaults)))
         if dry_run:
             for c in cells:
                 echo(f"  {status[c.id]['state']:8s} {c.id}" + (f"  (stage 1 from {c.teacher})" if c.teacher else ""))
@@ -249,6 +288,7 @@ def run_sweep(experiment, data_dir=None, runs_dir="runs", gpus_per_trial: float 
         def save_status() -> None:  # after planning and after every wave: a killed driver leaves it current
             atomic_write_json(state_dir / "status.json", {
                 "experiment": exp.name, "file": str(exp.path), "data": data_root,
+                "resources": {"gpus_per_trial": gpus_per_trial, "cpus_per_trial": cpus_per_trial},
                 "updated": _dt.datetime.now().isoformat(timespec="seconds"), "cells": status})
 
         if todo:
@@ -257,7 +297,7 @@ def run_sweep(experiment, data_dir=None, runs_dir="runs", gpus_per_trial: float 
             try:
                 _check_resources(gpus_per_trial, cpus_per_trial)
                 _run_waves(exp.name, todo, cells, status, runs_dir, state_dir, data_root, gpus_per_trial,
-                           cpus_per_trial, max_concurrent, max_failures, echo, save_status)
+                           cpus_per_trial, max_concurrent, max_failures, echo, save_status, defaults)
             finally:
                 if started:
                     import ray
@@ -275,8 +315,16 @@ def run_sweep(experiment, data_dir=None, runs_dir="runs", gpus_per_trial: float 
         return status
 
 
+def make_job(cell: Cell, runs_dir: Path, gpus: float, cpus: int, data_root: str, log: Path,
+             dataset_defaults: dict | None = None) -> dict:
+    """What one trial is handed: the cell's exact config, its folder, its threads and its GPU memory cap."""
+    config = cell_config(cell, runs_dir, gpus, dataset_defaults)
+    return {"id": cell.id, "config": config, "out": str(cell.run_dir(runs_dir)), "data": data_root,
+            "threads": cpus, "log": str(log), "gpu_memory_fraction": gpu_memory_fraction(gpus, config)}
+
+
 def _run_waves(name, todo, cells, status, runs_dir, state_dir, data_root, gpus, cpus, max_concurrent,
-               max_failures, echo, save_status) -> None:
+               max_failures, echo, save_status, dataset_defaults=None) -> None:
     from ray import tune
 
     depth = wave_index(cells)
@@ -289,8 +337,7 @@ def _run_waves(name, todo, cells, status, runs_dir, state_dir, data_root, gpus, 
             if cell.teacher and not (Path(runs_dir) / cell.teacher / "summary.json").is_file():
                 status[cell.id].update(state="failed", error=f"stage-1 provider {cell.teacher} did not complete")
                 continue
-            jobs.append({"id": cell.id, "config": cell_config(cell, runs_dir, gpus), "out": str(cell.run_dir(runs_dir)),
-                         "data": data_root, "threads": cpus, "log": str(log)})
+            jobs.append(make_job(cell, runs_dir, gpus, cpus, data_root, log, dataset_defaults))
         if not jobs:
             continue
         echo(f"wave {wave}: {len(jobs)} trial(s) on Ray ({cpus} CPU, {gpus:g} GPU each)")

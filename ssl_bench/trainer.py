@@ -3,12 +3,13 @@
 Run folder (self-describing; every file is plain data, loaded with ``weights_only=True``)::
 
     config.json            every setting, the method's stage defaults, split, data checksums, provenance
-    log.jsonl              one line per logged iteration: stage, iteration, lr, losses, it/s
+    log.jsonl              one line per logged iteration: stage, iteration, lr, losses, it/s; at each selection point
+                           val_dice_raw (`val`) or test_dice_raw (`literature`)
     checkpoints/last.pt    full state for --resume (weights, optimisers, RNG and sampler state)
     checkpoints/previous.pt  the checkpoint before it, kept while the run is in progress (a damaged
                            last.pt falls back to it); removed when the run finishes
     .lock                  the one-writer lock (fcntl.flock) of run, --resume and eval
-    stages/stageK.pt       the weights a stage hands on (last, or best-on-test under `literature`)
+    stages/stageK.pt       the weights a stage hands on (last, or best-on-test under `literature`, best-on-val under `val`)
     metrics_per_case.csv   per test case and post-processing (raw, lcc): dice, jaccard, hd95, asd, empty
     summary.json           means ± std, protocol, selected checkpoints, empty counts, timings
 """
@@ -30,17 +31,21 @@ from pathlib import Path
 import torch
 
 from .data import LAData, TrainStream
+from .prefetch import PrefetchStream
 from .errors import Interrupted, UserError
+from .experiments import ADDED_DEFAULTS
 from .evaluate import EvalSettings, evaluate_cases, mean_dice, summarize
 from .method import StageContext, get_method
 from .precision import (DEFAULT_PRECISION, FP16_ON_CPU, PRECISIONS, autocast_dtype,  # noqa: F401 (re-exported)
                         recorded_precision, set_backend, with_precision)
 from .precision import make_scalers as _make_scalers, numerics as _numerics
 from .progress import Progress
+from . import selection as _selection
 from .runs import (LAST, PREVIOUS, DamagedFileError, atomic_torch_save, atomic_write_json, atomic_write_text,
                    load_torch, lock_folder, prepare_run_dir, provenance, read_json, save_checkpoint)
 
-PROTOCOLS = ("honest", "literature")
+PROTOCOLS = ("honest", "literature", "val")  # ssl_bench/selection.py: what each selects
+UNITS = ("voxel", "mm")
 
 
 @dataclass
@@ -57,18 +62,30 @@ class RunConfig:
     checkpoint_every: int = 1000
     log_every: int = 20
     selection_every: int | None = None  # None: the reference's 200
+    val_cases: int | None = None  # `val` only (None there: 8, Decision 8); None under honest/literature, not their identity
     eval_stride_xy: int = 18
     eval_stride_z: int = 4
     eval_cases: int | None = None  # None: every case of test.list
     empty_policy: str = "penalty"
+    units: str = "voxel"  # hd95/asd in voxels (the LA literature) or "mm" from an imported data set's spacing
     precision: str = DEFAULT_PRECISION  # PRECISIONS; part of what defines a run (Decision 7)
     fast: bool = True  # CUDA fast-path switches besides precision: data on the GPU, channels_last_3d, cudnn.benchmark
     teacher: str | None = None  # a run folder whose stage 1 is reused instead of trained (multi-stage methods)
     options: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.protocol == "val" and self.val_cases is None:
+            self.val_cases = _selection.DEFAULT_VAL_CASES
+
     def validate(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise UserError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        if self.val_cases is not None and self.protocol != "val":
+            raise UserError(f"--val-cases applies to --protocol val only (this run's protocol is {self.protocol})")
+        if self.val_cases is not None and self.val_cases < 1:
+            raise UserError(f"--val-cases must be at least 1, got {self.val_cases}")
+        if self.selection_every is not None and self.selection_every < 1:
+            raise UserError(f"--selection-every must be at least 1, got {self.selection_every}")
         if self.iterations is not None and self.iterations < 1:
             raise UserError(f"--iterations must be at least 1, got {self.iterations}")
         if len(self.patch) != 3 or any(p < 16 or p % 16 for p in self.patch):
@@ -81,6 +98,8 @@ class RunConfig:
             raise UserError(f"unknown empty-prediction policy {self.empty_policy!r}; choose penalty or zero")
         if self.eval_cases is not None and self.eval_cases < 1:
             raise UserError(f"--eval-cases must be at least 1, got {self.eval_cases}")
+        if self.units not in UNITS:
+            raise UserError(f"unknown units {self.units!r}; choose one of {', '.join(UNITS)}")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.precision == "fp16" and self.device == "cpu":
@@ -111,11 +130,12 @@ PROFILES = {
 }
 
 
-def build_config(method: str, profile: str = "paper", **overrides) -> RunConfig:
-    """Profile defaults, then every explicitly given (non-None) override."""
+def build_config(method: str, profile: str = "paper", dataset_defaults: dict | None = None, **overrides) -> RunConfig:
+    """The data set's own settings (``LAData.run_defaults()``: an imported set's patch and strides; {} for LA),
+    then the profile's, then every explicitly given (non-None) override."""
     if profile not in PROFILES:
         raise UserError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    values = {"method": method, "profile": profile, **PROFILES[profile]}
+    values = {"method": method, "profile": profile, **(dataset_defaults or {}), **PROFILES[profile]}
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = RunConfig(**values)
     cfg.validate()
@@ -185,18 +205,23 @@ class _StopRequest:
 
 
 class Trainer:
+    #: prepare batch i+1 (and the stage's host targets) in a background thread while i trains; same numbers off
+    prefetch = True
+
     def __init__(self, cfg: RunConfig, out: Path, data: LAData, progress: bool = True):
         self.cfg, self.out, self.data, self.progress = cfg, Path(out), data, progress
         self.spec = get_method(cfg.method)
         self.device = resolve_device(cfg.device)
-        self.split = data.split(cfg.labeled)
+        self.split = data.split(cfg.labeled, cfg.val_cases or 0)
         self.test_ids = list(self.split.test[: cfg.eval_cases] if cfg.eval_cases else self.split.test)
+        # the cases a selecting protocol scores during training: under `val` never a test case
+        self.selection_ids = list(self.split.val) if cfg.protocol == "val" else self.test_ids
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise UserError(FP16_ON_CPU)
         self.cuda_fast = self.device.type == "cuda" and cfg.fast  # the fast-path switches besides precision
         self.amp_dtype = autocast_dtype(cfg.precision)  # None: no autocast (fp32, tf32)
         self.eval_settings = EvalSettings(patch=cfg.patch, stride_xy=cfg.eval_stride_xy, stride_z=cfg.eval_stride_z,
-                                          precision=cfg.precision, empty_policy=cfg.empty_policy)
+                                          precision=cfg.precision, empty_policy=cfg.empty_policy, units=cfg.units)
         self.ctx = StageContext(labeled=cfg.labeled, patch=tuple(cfg.patch), n_filters=cfg.n_filters,
                                 iterations=cfg.iterations, options=dict(cfg.options))
         known = {name for cls in self.spec.stages for name in cls.known_options}
@@ -249,9 +274,11 @@ class Trainer:
         atomic_write_json(self.out / "config.json", {
             "config": cfg_json,
             "numerics": self.numerics(),
+            "evaluation": asdict(self.eval_settings),  # sliding window, its batch and padding, units
             "method": self.describe(),
             "split": {"labeled": list(self.split.labeled), "n_unlabeled": len(self.split.unlabeled),
-                      "unlabeled": list(self.split.unlabeled), "test": self.test_ids},
+                      "unlabeled": list(self.split.unlabeled), "test": self.test_ids,
+                      "val": list(self.split.val)},  # `val`: the selection cases, inside the unlabeled pool
             "data": {"root": str(self.data.root), "sha256": self.data_sums(used),
                      # an imported data set's settings (ssl_bench_dataset.json); None for the LA release
                      "imported": self.data.dataset_settings(),
@@ -262,6 +289,7 @@ class Trainer:
     def check_resumable(self) -> None:
         config = read_json(self.out / "config.json")
         stored = with_precision(config["config"], str(self.device))  # a folder from before precision was recorded
+        stored = {**ADDED_DEFAULTS, **stored}  # and settings added since, at the value it computed with
         mine = self.cfg.to_json()
         # the device may change (e.g. a sweep resumed on other hardware); everything that defines the run may not
         diff = [k for k in mine if k != "device" and stored.get(k) != mine[k]]
@@ -351,7 +379,7 @@ class Trainer:
         want = type(self.stages[0]).__name__
         if handed.get("stage_class") != want:
             raise UserError(f"--teacher {run_dir}: its stage 1 is {handed.get('stage_class')}, {self.spec.name} needs {want}")
-        for key in ("labeled", "patch", "n_filters", "protocol", "precision"):
+        for key in ("labeled", "patch", "n_filters", "protocol", "precision", "val_cases"):
             mine = self.cfg.to_json()[key]
             if theirs.get(key) != mine:
                 raise UserError(f"--teacher {run_dir}: its {key} is {theirs.get(key)!r}, this run's is {mine!r}")
@@ -446,10 +474,12 @@ class Trainer:
         stage, nets = self.build_stage(k, previous)
         opts = stage.optimizers(nets)
         scalers = self.make_scalers(stage)
-        stream = self.make_stream(k, stage)
+        stream = PrefetchStream(self.make_stream(k, stage), getattr(stage, "host_targets", None), enabled=self.prefetch)
         iters = self.stage_iterations(k)
-        selection = stage.literature_selection if self.cfg.protocol == "literature" else None
+        protocol = self.cfg.protocol
+        selection = _selection.rule(protocol, stage.literature_selection)
         sel_every = self.cfg.selection_every or (selection[1] if selection else 200)
+        sel_key, sel_label = _selection.LOG_KEY.get(protocol), _selection.LABEL.get(protocol)
         best = {"dice": None, "iteration": None}
         start, elapsed_before = 0, 0.0
         if state is not None:
@@ -477,7 +507,7 @@ class Trainer:
         log_path = self.out / "log.jsonl"
         t0 = time.perf_counter()
         t_last, it_last = t0, start
-        with _StopRequest() as stop, open(log_path, "a") as log:
+        with _StopRequest() as stop, open(log_path, "a") as log, stream:  # `stream`: ends the prefetch thread
             for it0 in range(start, iters):
                 batch = stream.next()
                 if self.cuda_fast:
@@ -489,12 +519,12 @@ class Trainer:
                     g["lr"] = lr
                 if selection and done >= selection[0] and done % sel_every == 0:
                     dice = self._selection_dice(stage, nets)
-                    logs["test_dice_raw"] = dice
+                    logs[sel_key] = dice
                     if best["dice"] is None or dice > best["dice"]:
                         # Decision 9: the running best is round(dice, 4), as the SS-Net/BCP/OMF scripts keep it
                         best = {"dice": round(dice, 4), "iteration": done}
-                        self._save_weights(stage, nets, self.out / "checkpoints" / f"{key}_best.pt", done, "best-on-test")
-                if done % self.cfg.log_every == 0 or done in (iters, start + 1) or "test_dice_raw" in logs:
+                        self._save_weights(stage, nets, self.out / "checkpoints" / f"{key}_best.pt", done, sel_label)
+                if done % self.cfg.log_every == 0 or done in (iters, start + 1) or sel_key in logs:
                     now = time.perf_counter()
                     rate = (done - it_last) / (now - t_last) if now > t_last else 0.0
                     t_last, it_last = now, done
@@ -521,10 +551,9 @@ class Trainer:
         else:
             handed = {"weights": self._weights(stage, nets), "iteration": iters, "selection": "last"}
             if selection:  # e.g. SS-Net's selection starts at 2000, beyond a short run
-                handed["selection_note"] = (f"literature selection starts at iteration {selection[0]}, "
-                                            f"beyond this stage's {iters}; the last weights were used")
-        handed.update({"stage": k + 1, "stage_class": type(stage).__name__, "best_on_test": best,
-                       "protocol": self.cfg.protocol})
+                handed["selection_note"] = _selection.no_selection_note(protocol, selection, sel_every, iters)
+        handed.update({"stage": k + 1, "stage_class": type(stage).__name__,
+                       _selection.BEST_KEY.get(protocol, "best_on_test"): best, "protocol": self.cfg.protocol})
         atomic_torch_save(handed, self.out / "stages" / f"{key}.pt")
         return handed
 
@@ -560,7 +589,8 @@ class Trainer:
         torch.cuda.set_rng_state(saved, self.device)
 
     def _selection_dice(self, stage, nets) -> float:
-        rows, _ = evaluate_cases(stage.foreground_probability, nets[stage.trained], self.data, self.test_ids,
+        """Mean raw Dice on the selection cases: the test cases under `literature`, the validation cases under `val`."""
+        rows, _ = evaluate_cases(stage.foreground_probability, nets[stage.trained], self.data, self.selection_ids,
                                  self.eval_settings, self.device, progress=False, dice_only=True)
         return mean_dice(rows)
 
@@ -601,9 +631,12 @@ class Trainer:
             "precision": self.cfg.precision, "numerics": self.numerics(),
             "checkpoint": checkpoint,
             "best_on_test": handed.get("best_on_test"),
+            **({"best_on_val": handed.get("best_on_val"), "val_cases": list(self.split.val)}
+               if self.cfg.protocol == "val" else {}),
             "selection_note": handed.get("selection_note"),
             "paper_post": "lcc" if stage.paper_lcc else "raw",
             "empty_policy": self.cfg.empty_policy,
+            "units": self.cfg.units,
             "test_cases": self.test_ids,
             "metrics": summarize(rows),
             "timings": timings,
@@ -643,10 +676,21 @@ def run_training(cfg: RunConfig, out: Path, data_dir=None, resume: bool = False,
     out = Path(out).resolve()
     trainer = Trainer(cfg, out, data, progress=progress)  # method, options, split, device: checked, nothing written
     data.check(trainer.split.labeled + trainer.split.unlabeled + trainer.split.test)
+    check_units(cfg.units, data, trainer.test_ids)
     if cfg.teacher and not (resume and (out / "stages" / "stage1.pt").is_file()):
         trainer.teacher_stage1()  # its method, settings, data and file, before this run writes anything
     with prepare_run_dir(out, resume=resume, overwrite=overwrite):  # holds the folder's one-writer lock
         return trainer.run(resume=resume, stop_at=stop_at)
+
+
+def check_units(units: str, data: LAData, case_ids) -> None:
+    """``--units mm`` needs every evaluated case to store its voxel spacing (an imported data set does; LA does not)."""
+    if units != "mm":
+        return
+    for case_id in case_ids:
+        if data.spacing(case_id) is None:
+            raise UserError(f"--units mm needs voxel spacings, but case {case_id} ({data.case_path(case_id)}) stores "
+                            f"none (the LA release has none; import a data set with `ssl-bench data import`)")
 
 
 def load_run(run_dir: Path, data_dir=None, device: str | None = None, progress: bool = True) -> Trainer:

@@ -29,19 +29,31 @@ def test_table1_grid():
     exp = load_experiment("table1", methods=PLANNED_METHODS)
     assert exp.paper == "table1" and exp.compare_to == "omf"
     ids = {c.id for c in exp.cells}
-    assert len(exp.cells) == 4 * 2 * 3 + 3 * 2 * 2 * 3 + 3  # honest-only block, both-protocol block, V-Net 80
+    # honest+val block, honest+literature+val block, V-Net 80 (honest only: no case is left for validation)
+    assert len(exp.cells) == 4 * 2 * 2 * 3 + 3 * 2 * 3 * 3 + 3
     for m in ("vnet", "uamt", "sassnet", "dtc", "ssnet", "bcp", "omf"):
         for n in (8, 16):
             assert all(f"{m}-L{n}-s{s}-honest" in ids for s in SEEDS)
     assert {f"{m}-L8-s1337-literature" for m in ("ssnet", "bcp", "omf")} <= ids
     assert "uamt-L8-s1337-literature" not in ids  # its reference evaluates the last checkpoint
+    # val (Decision 8) for every method at 8 and 16 labels; the honest/literature IDs are unchanged by it
+    for m in ("vnet", "uamt", "sassnet", "dtc", "ssnet", "bcp", "omf"):
+        for n in (8, 16):
+            assert all(f"{m}-L{n}-s{s}-val" in ids for s in SEEDS)
+    assert {c.id for c in exp.cells if c.protocol != "val"} == (
+        {f"{m}-L{n}-s{s}-honest" for m in ("vnet", "uamt", "sassnet", "dtc", "ssnet", "bcp", "omf") for n in (8, 16)
+         for s in SEEDS} | {f"{m}-L{n}-s{s}-literature" for m in ("ssnet", "bcp", "omf") for n in (8, 16) for s in SEEDS}
+        | {f"vnet-L80-s{s}-honest" for s in SEEDS})
     assert {c.id for c in exp.cells if c.labeled == 80} == {f"vnet-L80-s{s}-honest" for s in SEEDS}
     assert {c.profile for c in exp.cells} == {"paper"} and all(not c.overrides for c in exp.cells)
 
 
 def test_table2_fig3_smoke_grids():
     t2 = load_experiment("table2", methods=PLANNED_METHODS)
-    assert t2.paper == "table2" and len(t2.cells) == 2 * 3 + 4 * 2 * 2 * 3
+    assert t2.paper == "table2" and len(t2.cells) == 2 * 2 * 3 + 4 * 2 * 3 * 3  # val beside honest (+ literature)
+    assert {c.id for c in t2.cells if c.protocol == "val"} == {
+        f"{m}-L{n}-s{s}-val" for m in ("vnet", "omf-s1", "omf-s1-orgloss", "omf-s1-s2", "omf") for n in (8, 16)
+        for s in SEEDS}
     assert {c.method for c in t2.cells} == {"vnet", "omf-s1", "omf-s1-orgloss", "omf-s1-s2", "omf"}
     fig3 = load_experiment("fig3", methods=PLANNED_METHODS)
     assert len(fig3.cells) == 7 * 2 * 3 and {c.protocol for c in fig3.cells} == {"honest"}
@@ -62,9 +74,10 @@ def test_shipped_files_match_the_registry(name):
 def test_shipped_plans_share_stage1():
     t1 = load_experiment("table1").plan()
     implicit = [c for c in t1 if c.implicit]
-    assert {c.method for c in implicit} == {"omf-s1-orgloss"} and len(implicit) == 2 * 2 * 3
+    assert {c.method for c in implicit} == {"omf-s1-orgloss"} and len(implicit) == 2 * 3 * 3  # per protocol
     omf = next(c for c in t1 if c.id == "omf-L16-s1338-literature")
     assert omf.teacher == "omf-s1-orgloss-L16-s1338-literature"
+    assert next(c for c in t1 if c.id == "omf-L8-s1337-val").teacher == "omf-s1-orgloss-L8-s1337-val"
     t2 = load_experiment("table2").plan()
     assert not any(c.implicit for c in t2)
     assert next(c for c in t2 if c.id == "omf-s1-s2-L8-s1339-honest").teacher == "omf-s1-L8-s1339-honest"

@@ -289,7 +289,7 @@ def test_spacing_and_settings_are_readable_through_the_data_layer(src, tmp_path)
     assert ds.dataset_settings()["patch"] == [32, 32, 16]
     assert (ds.dataset_settings()["eval_stride_xy"], ds.dataset_settings()["eval_stride_z"]) == (8, 4)
     assert ds.spacing(ds.train_ids[0]) == SPACING
-    assert ds.run_defaults() == {"patch": (32, 32, 16), "eval_stride_xy": 8, "eval_stride_z": 4}
+    assert ds.run_defaults() == {"patch": (32, 32, 16), "eval_stride_xy": 8, "eval_stride_z": 4, "units": "voxel"}
     assert run_cli("data", "import", "--format", "nnunet", root, tmp_path / "bad", "--patch", "30,32,16") == 2
 
 

@@ -50,22 +50,23 @@ def test_main_table_cells(fixture_report):
     md = (fixture_report / "table.md").read_text()
     honest = md_section_rows(md, "## Protocol: honest")
     assert honest == [
-        ["V-Net", "8", "0", "honest", "no", "2", "76.00 ± 1.41", "63.00 ± 1.41", "13.00 ± 1.41", "3.25 ± 0.35",
+        ["V-Net", "8", "0", "honest", "tf32", "no", "2", "76.00 ± 1.41", "63.00 ± 1.41", "13.00 ± 1.41", "3.25 ± 0.35",
          "82.74 / 71.72 / 13.35 / 3.26", "-6.74 / -8.72 / -0.35 / -0.01", "–", "0/8", f"21.0 ({H100})"],
-        ["UA-MT", "8", "72", "honest", "no", "1/2", "85.00", "75.00", "9.00", "2.25",
+        ["UA-MT", "8", "72", "honest", "tf32", "no", "1/2", "85.00", "75.00", "9.00", "2.25",
          "87.79 / 78.39 / 8.68 / 2.12", "-2.79 / -3.39 / +0.32 / +0.13", "–", "0/4", "13.0 (cpu)"],
-        ["OMF", "8", "72", "honest", "yes", "2", "88.00 ± 0.71", "78.50 ± 0.71", "5.50 ± 0.71", "1.70 ± 0.14",
+        ["OMF", "8", "72", "honest", "tf32", "yes", "2", "88.00 ± 0.71", "78.50 ± 0.71", "5.50 ± 0.71", "1.70 ± 0.14",
          "90.23 / 82.34 / 5.95 / 1.63", "-2.23 / -3.84 / -0.45 / +0.07", "90.23 / 82.34 / 5.95 / 1.63", "0/8",
          f"82.0 ({H100})"],
-        ["DTC", "8", "72", "honest", "–", "0/2 (missing)", "missing", "–", "–", "–",
+        ["DTC", "8", "72", "honest", "tf32", "–", "0/2 (missing)", "missing", "–", "–", "–",
          "87.51 / 78.17 / 8.23 / 2.36", "–", "86.57 / 76.55 / 14.47 / 3.74", "–", "–"],
     ]
     lit = md_section_rows(md, "## Protocol: literature")
     # V-Net, UA-MT and DTC evaluate the last checkpoint in their references: their honest runs, labelled
     assert [r[3] for r in lit] == ["literature (= honest)", "literature (= honest)", "literature", "literature (= honest)"]
-    assert lit[0][6] == "76.00 ± 1.41" and lit[1][5] == "1/2"
-    assert lit[2][5:8] == ["1/2", "90.00", "82.00"] and lit[2][11] == "-0.23 / -0.34 / -0.45 / -0.23"
-    assert lit[3][6] == "missing"
+    assert [r[4] for r in lit] == ["tf32"] * 4  # the precision column (Decision 7) in every row
+    assert lit[0][7] == "76.00 ± 1.41" and lit[1][6] == "1/2"
+    assert lit[2][6:9] == ["1/2", "90.00", "82.00"] and lit[2][12] == "-0.23 / -0.34 / -0.45 / -0.23"
+    assert lit[3][7] == "missing"
     # the literature run also evaluated its last weights (summary "last"): selection effect within the same run
     assert md_section_rows(md, "The same literature runs") == [["OMF", "8", "1", "4600", "90.00", "88.00", "+2.00"]]
     both = md_section_rows(md, "Without and with largest-connected-component post-processing (honest)")
@@ -90,8 +91,10 @@ def test_csv_and_latex(fixture_report):
     uamt_lit = df[(df.protocol == "literature") & (df.method == "uamt")].iloc[0]
     assert uamt_lit.runs_protocol == "honest"
     tex = (fixture_report / "table.tex").read_text()
-    assert r"V-Net & 8 & 0 & honest & no & 2 & 76.00 $\pm$ 1.41 & 63.00 $\pm$ 1.41" in tex
-    assert r"Dice (\%)" in tex and tex.count(r"\begin{tabular}") == 2
+    assert r"V-Net & 8 & 0 & honest & tf32 & no & 2 & 76.00 $\pm$ 1.41 & 63.00 $\pm$ 1.41" in tex
+    assert r"Protocol & Precision & LCC" in tex
+    # one table per protocol, and the selection table (the literature OMF run selected on the test set)
+    assert r"Dice (\%)" in tex and tex.count(r"\begin{tabular}") == 3
 
 
 def test_wilcoxon(fixture_report):
@@ -130,7 +133,7 @@ def test_ablation_uses_table2_and_draws_bars(tmp_path):
     write_report(FIX / "ablation.toml", RUNS, tmp_path, echo=lambda *_: None)
     rows = md_section_rows((tmp_path / "table.md").read_text(), "## Protocol: honest")
     assert [r[0] for r in rows] == ["V-Net", "S1", "S1+orgloss+S2 (OMF)"]
-    assert rows[1][5:7] == ["0/2 (missing)", "missing"] and rows[1][10] == "87.09 / 77.48 / 11.47 / 2.64"
+    assert rows[1][6:8] == ["0/2 (missing)", "missing"] and rows[1][11] == "87.09 / 77.48 / 11.47 / 2.64"
     assert rows[1][2] == "0"  # S1 trains on labeled data only
     for ext in ("png", "pdf"):
         assert (tmp_path / f"ablation_honest.{ext}").stat().st_size > 0
