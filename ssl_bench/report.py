@@ -250,12 +250,12 @@ def selection_table_rows(rows: list[Row], paper: str | None) -> list[list[str]]:
         if last is None:
             continue
         its = sorted({r.summary["checkpoint"]["iteration"] for r in row.runs if "checkpoint" in r.summary})
-        out.append([published.display_name(row.method, paper), str(row.labeled), str(len(row.runs)),
+        out.append([published.display_name(row.method, paper), str(row.labeled), row.precision, str(len(row.runs)),
                     ", ".join(str(i) for i in its), fmt_stats(sel), fmt_stats(last), fmt(sel[0] - last[0], signed=True)])
     return out
 
 
-SELECTION_HEADER = ["Method", "Labeled", "Seeds", "Selected iteration(s)", "Dice selected (%)", "Dice last (%)",
+SELECTION_HEADER = ["Method", "Labeled", "Precision", "Seeds", "Selected iteration(s)", "Dice selected (%)", "Dice last (%)",
                     "Selected − last"]
 
 
@@ -339,7 +339,7 @@ def main_table_rows(rows: list[Row], paper: str | None) -> list[list[str]]:
 def lcc_table_rows(rows: list[Row], paper: str | None) -> list[list[str]]:
     out = []
     for row in rows:
-        cells = [published.display_name(row.method, paper), str(row.labeled)]
+        cells = [published.display_name(row.method, paper), str(row.labeled), row.precision]
         for metric in ("dice", "hd95"):
             for post in ("raw", "lcc"):
                 cells.append(fmt_stats(metric_stats(row, post, metric)) if row.runs else "–")
@@ -353,7 +353,7 @@ def lcc_table_rows(rows: list[Row], paper: str | None) -> list[list[str]]:
     return out
 
 
-LCC_HEADER = ["Method", "Labeled", "Dice raw", "Dice LCC", "95HD raw", "95HD LCC", "Empty raw", "Empty LCC"]
+LCC_HEADER = ["Method", "Labeled", "Precision", "Dice raw", "Dice LCC", "95HD raw", "95HD LCC", "Empty raw", "Empty LCC"]
 
 
 def csv_table(rows: list[Row], paper: str | None) -> pd.DataFrame:

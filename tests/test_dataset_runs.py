@@ -147,8 +147,9 @@ def test_sweep_cells_and_the_report_use_the_data_sets_settings(imported, tmp_pat
         classify(exp.plan(), runs, 0.0, False, {})
     written = write_report(tmp_path / "exp.toml", runs, tmp_path / "report", echo=lambda *_: None)
     table = written["table.md"].read_text()
-    row = next(line for line in table.splitlines() if line.startswith("| V-Net"))
-    assert "| 4 |" in row and "missing" not in row  # the run is in the table as its cell's
+    rows = [line for line in table.splitlines() if line.startswith("| V-Net")]
+    assert len(rows) == 2  # the main table and the LCC table, each with the run as its cell's, and its precision
+    assert all(r.startswith("| V-Net | 4 |") and "| tf32 |" in r and "missing" not in r for r in rows)
 
 
 def test_the_report_labels_millimetres_and_refuses_mixed_units(imported, tmp_path):

@@ -68,10 +68,10 @@ def test_main_table_cells(fixture_report):
     assert lit[2][6:9] == ["1/2", "90.00", "82.00"] and lit[2][12] == "-0.23 / -0.34 / -0.45 / -0.23"
     assert lit[3][7] == "missing"
     # the literature run also evaluated its last weights (summary "last"): selection effect within the same run
-    assert md_section_rows(md, "The same literature runs") == [["OMF", "8", "1", "4600", "90.00", "88.00", "+2.00"]]
+    assert md_section_rows(md, "The same literature runs") == [["OMF", "8", "tf32", "1", "4600", "90.00", "88.00", "+2.00"]]
     both = md_section_rows(md, "Without and with largest-connected-component post-processing (honest)")
-    assert both[1] == ["UA-MT", "8", "85.00", "66.75", "9.00", "30.00", "0/4", "1/4"]
-    assert both[2][:4] == ["OMF", "8", "86.00 ± 0.71", "88.00 ± 0.71"]
+    assert both[1] == ["UA-MT", "8", "tf32", "85.00", "66.75", "9.00", "30.00", "0/4", "1/4"]
+    assert both[2][:5] == ["OMF", "8", "tf32", "86.00 ± 0.71", "88.00 ± 0.71"]
 
 
 def test_csv_and_latex(fixture_report):
