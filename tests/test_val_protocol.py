@@ -28,6 +28,7 @@ from ssl_bench.experiments import PLANNED_METHODS, Cell, load_experiment, same_r
 from ssl_bench.report import write_report
 from ssl_bench.testing import make_tiny_la
 from ssl_bench.trainer import RunConfig, Trainer, build_config, run_training
+from test_report import md_section_rows
 
 PATCH = (16, 16, 16)
 FIX = Path(__file__).parent / "fixtures" / "report"
@@ -362,16 +363,6 @@ def test_a_val_stage2_refuses_a_teacher_with_other_validation_cases(tiny_root, t
 
 # ------------------------------------------------------------------ the report's selection table
 
-def md_section_rows(md: str, heading: str) -> list[list[str]]:
-    """Body rows of the first Markdown table after ``heading``."""
-    lines = md[md.index(heading):].splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("| Method |"))
-    rows = []
-    for ln in lines[start + 2:]:
-        if not ln.startswith("|"):
-            break
-        rows.append([c.strip() for c in ln.strip().strip("|").split(" | ")])
-    return rows
 
 
 def _val_folder(runs: Path, seed: int, val_lcc: float, last_lcc: float, iteration: int) -> None:
