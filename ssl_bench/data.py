@@ -181,6 +181,13 @@ class LAData:
             raise UserError(f"case {case_id}: {path} has an invalid spacing {sp.tolist()}")
         return tuple(float(v) for v in sp)
 
+    def require_spacing(self, case_ids) -> None:
+        """``--units mm`` needs every evaluated case to store its voxel spacing (an imported data set does; LA does not)."""
+        for case_id in case_ids:
+            if self.spacing(case_id) is None:
+                raise UserError(f"--units mm needs voxel spacings, but case {case_id} ({self.case_path(case_id)}) stores "
+                                f"none (the LA release has none; import a data set with `ssl-bench data import`)")
+
     def listed_sums(self) -> dict[str, str] | None:
         """The sha256 per case id from SHA256SUMS.h5.txt, or None when the file is absent."""
         path = self.root / SUMS_NAME

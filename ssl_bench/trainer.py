@@ -676,21 +676,12 @@ def run_training(cfg: RunConfig, out: Path, data_dir=None, resume: bool = False,
     out = Path(out).resolve()
     trainer = Trainer(cfg, out, data, progress=progress)  # method, options, split, device: checked, nothing written
     data.check(trainer.split.labeled + trainer.split.unlabeled + trainer.split.test)
-    check_units(cfg.units, data, trainer.test_ids)
+    if cfg.units == "mm":
+        data.require_spacing(trainer.test_ids)
     if cfg.teacher and not (resume and (out / "stages" / "stage1.pt").is_file()):
         trainer.teacher_stage1()  # its method, settings, data and file, before this run writes anything
     with prepare_run_dir(out, resume=resume, overwrite=overwrite):  # holds the folder's one-writer lock
         return trainer.run(resume=resume, stop_at=stop_at)
-
-
-def check_units(units: str, data: LAData, case_ids) -> None:
-    """``--units mm`` needs every evaluated case to store its voxel spacing (an imported data set does; LA does not)."""
-    if units != "mm":
-        return
-    for case_id in case_ids:
-        if data.spacing(case_id) is None:
-            raise UserError(f"--units mm needs voxel spacings, but case {case_id} ({data.case_path(case_id)}) stores "
-                            f"none (the LA release has none; import a data set with `ssl-bench data import`)")
 
 
 def load_run(run_dir: Path, data_dir=None, device: str | None = None, progress: bool = True) -> Trainer:
