@@ -1,4 +1,4 @@
-"""BCP: bidirectional copy-paste (Bai et al., CVPR 2023), METHODS.md §3.6.
+"""BCP: bidirectional copy-paste (Bai et al., CVPR 2023), docs/methods.md §3.6.
 
 Reference: DeepMed-Lab-ECNU/BCP ``code/LA_BCP_train.py`` and ``code/utils/BCP_utils.py``.
 

@@ -1,4 +1,4 @@
-"""DTC: dual-task consistency (Luo et al., AAAI 2021), METHODS.md §3.4 (HiLab-git/DTC ``code/train_la_dtc.py``).
+"""DTC: dual-task consistency (Luo et al., AAAI 2021), docs/methods.md §3.4 (HiLab-git/DTC ``code/train_la_dtc.py``).
 
 One V-Net with head B (§1.5): a tanh signed-distance head and a one-class segmentation logit.
 Per iteration, on a batch of 2 labeled + 2 unlabeled crops:
@@ -42,14 +42,14 @@ class DTC(Stage):
 
     beta = 0.3  # --beta: weight of the SDM regression
     consistency = 1.0  # --consistency: the effective maximum of λ (the unused --consistency_weight is 0.1)
-    rampup_length = 40.0  # --consistency_rampup, in units of 150 iterations
+    rampup_length = 40.0  # --consistency_rampup, in units of 150 (scaled) iterations
 
     def networks(self):
         return {"student": self.vnet(n_classes=1, head="B", dropout=True)}
 
     def consistency_weight(self, it0: int) -> float:
         # the reference computes the ramp before incrementing iter_num: t = completed iterations
-        return self.consistency * sigmoid_rampup(it0 // 150, self.rampup_length)
+        return self.consistency * sigmoid_rampup(it0 // self.scaled(150), self.rampup_length)
 
     def host_targets(self, batch):
         # computed in the trainer's background thread while the previous iteration trains (Stage.host_targets)

@@ -1,4 +1,4 @@
-"""OMF: Overlay Mantle-Free (Liu, Qian, Cao & Liu, MICCAI 2024), METHODS.md §3.7, and its Table-2 ablations.
+"""OMF: Overlay Mantle-Free (Liu, Qian, Cao & Liu, MICCAI 2024), docs/methods.md §3.7, and its Table-2 ablations.
 
 Reference: vigilliu/OMF ``code/LA_OMF_train.py`` (README: ``--base_lr=0.1``).
 
@@ -65,7 +65,7 @@ class OMFStage1Overlay(Stage):
     def lr(self, done: int) -> float:
         # §3.7.2 item 7: after the step of iteration 10 000 the code sets lr = 0.1·0.1, so iterations
         # 1..10 000 run at 0.1 and 10 001.. at 0.01 (the same assignment would repeat at 20 000)
-        return self.base_lr * (0.1 if done >= 10000 else 1.0)
+        return self.base_lr * (0.1 if done >= self.scaled(10000) else 1.0)
 
     def losses(self, phase, nets, batch, it0):
         net = nets["student"]
@@ -117,7 +117,7 @@ class OMFStage2(Stage):
 
     def lr(self, done: int) -> float:
         # §3.7.3 item 8: after iteration i, i a multiple of 2500, lr = 0.1·0.8^(i/2500)
-        return self.base_lr * 0.8 ** (done // 2500)
+        return self.base_lr * 0.8 ** (done // self.scaled(2500))
 
     def losses(self, phase, nets, batch, it0):
         u = batch.unlabeled_image

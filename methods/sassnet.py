@@ -1,4 +1,4 @@
-"""SASSNet: shape-aware adversarial semi-supervised segmentation (Li et al., MICCAI 2020), METHODS.md §3.3.
+"""SASSNet: shape-aware adversarial semi-supervised segmentation (Li et al., MICCAI 2020), docs/methods.md §3.3.
 
 Reference: kleinzcy/SASSnet ``code/train_gan_sdfloss.py`` with ``networks/discriminator.py``
 (``FC3DDiscriminator``); README commands ``--label 16 --consistency 0.01`` and
@@ -121,8 +121,8 @@ class SASSNet(Stage):
         return value
 
     def adversarial_weight(self, it0: int) -> float:
-        """λ(it0) = c·sigmoid_rampup(it0 // 150, 40) (§3.3, §1.7)."""
-        return self.consistency * sigmoid_rampup(it0 // RAMPUP_EVERY, RAMPUP_LENGTH)
+        """λ(it0) = c·sigmoid_rampup(it0 // 150, 40) (§3.3, §1.7); 150 follows the schedule scale."""
+        return self.consistency * sigmoid_rampup(it0 // self.scaled(RAMPUP_EVERY), RAMPUP_LENGTH)
 
     def networks(self):
         return {"seg": self.vnet(n_classes=1, head="B", dropout=True),

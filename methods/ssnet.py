@@ -1,4 +1,4 @@
-"""SS-Net (Wu et al., MICCAI 2022), METHODS.md §3.5 (ycwu1997/SS-Net ``code/train_ss_3d.py``).
+"""SS-Net (Wu et al., MICCAI 2022), docs/methods.md §3.5 (ycwu1997/SS-Net ``code/train_ss_3d.py``).
 
 V-Net head A with SS-Net's MLP heads (§1.5): projection head g, prediction head h, per-class
 selectors s_c (queries) and s^mem_c (memory). The forward also returns F, the dec9 features after
@@ -25,7 +25,7 @@ dropout. Per iteration, batch 2 labeled + 2 unlabeled, network in train mode (§
 Memory weights (option ``ssnet_memory_weights``): the reference rescales σ(s^mem_c(k)) "to mean 1"
 over a transposed (1, N) tensor, so each weight is multiplied by its own reciprocal, (1/s)·s, and
 every v_j is 1 up to rounding (the memory selector gets only float-noise gradients). The arithmetic
-is the reference's, (1/s)·s and not s/s (METHODS.md §3.5 step 4). ``"code"`` (default) reproduces that;
+is the reference's, (1/s)·s and not s/s (docs/methods.md §3.5 step 4). ``"code"`` (default) reproduces that;
 ``"mean"`` is the named variant that rescales the N memory weights to mean 1 as §3.5 words it.
 
 Ramp: the reference increments ``iter_num`` before computing λ, so t = completed iterations + 1.
@@ -146,7 +146,7 @@ def class_contrastive_loss(queries: torch.Tensor, labels: torch.Tensor, memory: 
             w = torch.sigmoid(selectors_feat[c](q_raw.detach()))[:, 0]
             w = w * (w.shape[0] / w.sum())  # rescaled to mean 1 over the queries
             s = torch.sigmoid(selectors_mem[c](k))[:, 0]
-            # "code": (1/s)·s exactly as the reference computes it (METHODS.md §3.5 step 4; not s/s, which
+            # "code": (1/s)·s exactly as the reference computes it (docs/methods.md §3.5 step 4; not s/s, which
             # differs by an ulp and sends the memory selector other float-noise gradients)
             v = (1.0 / s) * s if memory_weights == "code" else s * (s.shape[0] / s.sum())
             total = total + torch.mean(dist * w[:, None] * v[None, :])
@@ -166,7 +166,7 @@ class SSNet(Stage):
     known_options = ("ssnet_memory_weights",)
 
     consistency = 1.0  # --consistency
-    rampup_length = 40.0  # --consistency_rampup, in units of 150 iterations
+    rampup_length = 40.0  # --consistency_rampup, in units of 150 (scaled) iterations
     magnitude = 10.0  # --magnitude: VAT ε
     vat_xi = 10.0
     vat_ip = 1
@@ -186,7 +186,7 @@ class SSNet(Stage):
 
     def consistency_weight(self, it0: int) -> float:
         # the reference increments iter_num before computing the ramp: t = it0 + 1
-        return self.consistency * sigmoid_rampup((it0 + 1) // 150, self.rampup_length)
+        return self.consistency * sigmoid_rampup((it0 + 1) // self.scaled(150), self.rampup_length)
 
     def losses(self, phase, nets, batch, it0):
         net = nets["student"]
@@ -238,7 +238,7 @@ class SSNet(Stage):
         # 6. VAT on all samples, labeled included
         vat = vat_loss(lambda inp: torch.softmax(net(inp).float(), dim=1), batch.image, distance=dice_fg_lin,
                        xi=self.vat_xi, eps=self.magnitude, ip=self.vat_ip, bn_module=net,
-                       full_precision=True)  # float32 VAT forwards under every precision (METHODS.md Decision 7)
+                       full_precision=True)  # float32 VAT forwards under every precision (docs/methods.md Decision 7)
 
         # 7. total
         lam = self.consistency_weight(it0)

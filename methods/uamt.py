@@ -1,4 +1,4 @@
-"""UA-MT: uncertainty-aware mean teacher (Yu et al., MICCAI 2019), METHODS.md §3.2.
+"""UA-MT: uncertainty-aware mean teacher (Yu et al., MICCAI 2019), docs/methods.md §3.2.
 
 Reference: yulequan/UA-MT ``code/train_LA_meanteacher_certainty_unlabel.py`` (the README's "unlabel"
 variant: noise, uncertainty and consistency on the unlabeled half of the batch only).
@@ -87,9 +87,9 @@ def masked_consistency(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return torch.sum(m * dist) / (N_CLASSES * torch.sum(m) + 1e-16)
 
 
-def consistency_weight(it0: int) -> float:
-    """λ(it0) = 0.1·sigmoid_rampup(it0 // 150, 40) (§3.2 item 7, §1.7)."""
-    return CONSISTENCY * sigmoid_rampup(it0 // RAMPUP_EVERY, RAMPUP_LENGTH)
+def consistency_weight(it0: int, every: int = RAMPUP_EVERY) -> float:
+    """λ(it0) = 0.1·sigmoid_rampup(it0 // 150, 40) (§3.2 item 7, §1.7); ``every``: 150 under the schedule scale."""
+    return CONSISTENCY * sigmoid_rampup(it0 // every, RAMPUP_LENGTH)
 
 
 @register("uamt")
@@ -104,14 +104,18 @@ class UAMT(Stage):
     paper_lcc = False            # UA-MT's tester has no LCC (§2.2)
     literature_selection = None  # the reference evaluates iter_6000 (§2.4)
 
+    def consistency_weight(self, it0: int) -> float:
+        """λ(it0) of this run: the ramp unit 150 follows the schedule scale (Decision 10)."""
+        return consistency_weight(it0, self.scaled(RAMPUP_EVERY))
+
     def total_iterations(self) -> int:
         """L of the threshold ramp: the number of iterations this stage actually runs.
 
         The reference uses ``max_iterations`` (6000, = its run length), so H reaches ln 2 at the last
         iteration. When the run overrides the count (``--iterations``; the smoke profile's 12) the ramp
-        follows the override (``ctx.iterations``); otherwise the stage default is the run length.
+        follows the override (``ctx.iterations``); otherwise the stage default (scaled) is the run length.
         """
-        return int(self.ctx.iterations if self.ctx.iterations is not None else self.iterations)
+        return self.run_iterations()
 
     def networks(self):
         student = self.vnet(n_classes=N_CLASSES, head="A", dropout=True)
@@ -142,7 +146,7 @@ class UAMT(Stage):
         mask = (uncertainty < threshold).float()       # = certainty_mask(uncertainty, it0, L)
         cons = masked_consistency(logits[n_l:], target, mask)
 
-        weight = consistency_weight(it0)  # item 7
+        weight = self.consistency_weight(it0)  # item 7
         loss = supervised + weight * cons
         return loss, {"ce": ce, "dice": dice, "loss_sup": supervised, "loss_cons": cons,
                       "cons_weight": weight, "threshold": threshold,

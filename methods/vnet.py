@@ -1,4 +1,4 @@
-"""Labeled-only V-Net baseline (METHODS.md §3.1; UA-MT ``code/train_LA.py``)."""
+"""Labeled-only V-Net baseline (docs/methods.md §3.1; UA-MT ``code/train_LA.py``)."""
 import torch.nn.functional as F
 
 from ssl_bench.losses import cross_entropy, dice_fg_sq

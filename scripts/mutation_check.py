@@ -66,7 +66,7 @@ def M(id, path, find, replace, tests, why):  # noqa: N802  (a compact table belo
 
 
 MUTANTS = [
-    # -- data pipeline: split, augmentation, sampling (METHODS.md §1.2-§1.4) ----------------------
+    # -- data pipeline: split, augmentation, sampling (docs/methods.md §1.2-§1.4) ----------------------
     M("d1", "ssl_bench/data.py",
       "    label = _flip(_rot90(label, k), axis)",
       "    label = _flip(_rot90(label, k), 1 - axis)",
@@ -171,7 +171,7 @@ MUTANTS = [
       TRAINER + method_tests("sassnet"),
       "only the current phase's gradients cleared (SASSNet's discriminator phase sees the main phase's)"),
 
-    # -- shared losses, ramps, EMA, SDF (METHODS.md §1.6-§1.7) -------------------------------------
+    # -- shared losses, ramps, EMA, SDF (docs/methods.md §1.6-§1.7) -------------------------------------
     M("l1", "ssl_bench/losses.py",
       "torch._foreach_mul_(t_params, alpha)\n        torch._foreach_add_(t_params, s_data, alpha=1.0 - alpha)",
       "torch._foreach_mul_(t_params, 1.0 - alpha)\n        torch._foreach_add_(t_params, s_data, alpha=alpha)",
@@ -209,7 +209,7 @@ MUTANTS = [
       "    pass",
       LOSSES + method_tests("dtc"), "SDF boundary not set to 0"),
 
-    # -- each method's total (METHODS.md §3) -------------------------------------------------------
+    # -- each method's total (docs/methods.md §3) -------------------------------------------------------
     M("m1", "methods/vnet.py",
       "return 0.5 * (ce + dice), {",
       "return (ce + dice), {",
@@ -325,7 +325,7 @@ MUTANTS = [
       "fg = torch.softmax(logits.float(), dim=1)[:, 1] > 0.5",
       ["tests/test_mixing.py"] + method_tests("bcp"), "pseudo-label excludes probability exactly 0.5"),
 
-    # -- evaluation and metrics (METHODS.md §2) ----------------------------------------------------
+    # -- evaluation and metrics (docs/methods.md §2) ----------------------------------------------------
     M("q1", "ssl_bench/metrics.py",
       '"hd95": float(np.percentile(np.hstack((d_rg, d_gr)), 95)),',
       '"hd95": float(np.percentile(np.hstack((d_rg, d_gr)), 90)),',
@@ -355,7 +355,7 @@ MUTANTS = [
       's[m + "_std"] = float(vals.std(ddof=1))',
       METRICS, "per-run std over cases with n-1"),
 
-    # -- occlusion boxes (METHODS.md §3.7.8) -------------------------------------------------------
+    # -- occlusion boxes (docs/methods.md §3.7.8) -------------------------------------------------------
     M("o1", "ssl_bench/occlusion.py",
       "round(ratio * 1_000_000), repeat, case_key])",
       "round(ratio * 1_000_000), repeat])",

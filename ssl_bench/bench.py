@@ -2,7 +2,7 @@
 
 Fast path: volumes on the training device, channels_last_3d, cudnn.benchmark, batched sliding windows
 accumulated on the device, in the precision asked for (``--precision``, repeatable, default tf32; bf16/fp16
-autocast are the opt-in fast modes of METHODS.md Decision 7). Reference-style path: ``--reference-precision``
+autocast are the opt-in fast modes of docs/methods.md Decision 7). Reference-style path: ``--reference-precision``
 (default tf32, the references' fp32 on current GPUs; fp32 turns TF32 off too), deterministic cuDNN, volumes
 kept and augmented on the CPU and moved per batch, one window at a time with host accumulation.
 

@@ -44,7 +44,7 @@ def _default_out(method: str, labeled: int, seed: int, protocol: str, profile: s
     return Path("runs") / run_name(method, labeled, seed, protocol, profile, precision)
 
 
-PRECISION_HELP = ("numerics (METHODS.md Decision 7): tf32 = the references' fp32 with TF32 convolutions on CUDA (default), "
+PRECISION_HELP = ("numerics (docs/methods.md Decision 7): tf32 = the references' fp32 with TF32 convolutions on CUDA (default), "
                   "fp32 = TF32 off too, bf16/fp16 = autocast (opt-in fast modes; fp16 needs CUDA)")
 
 
@@ -60,6 +60,9 @@ def cli():
 @click.option("--data", "data_dir", default=None, help=DATA_HELP)
 @click.option("--seed", type=int, default=1337, show_default=True)
 @click.option("--iterations", type=int, default=None, help="override every stage's iteration count")
+@click.option("--schedule-scale", type=float, default=None,
+              help="scale every constant each method counts in iterations: stage lengths, lr steps, ramps, selection "
+                   "(the CPU track; default 1 = the paper's schedules)")
 @click.option("--patch", default=None, help="training/eval patch X,Y,Z (default 112,112,80)")
 @click.option("--n-filters", type=int, default=None, help="V-Net base width (default 16)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -71,7 +74,9 @@ def cli():
                    "in the unlabeled pool")
 @click.option("--selection-every", type=int, default=None,
               help="iterations between selections under literature/val (default: the reference's 200)")
-@click.option("--profile", type=click.Choice(["paper", "smoke", "demo"]), default="paper", show_default=True)
+@click.option("--profile", type=click.Choice(["paper", "smoke", "demo", "cpu"]), default="paper", show_default=True,
+              help="paper: the published schedules; cpu: the CPU track (use it with `data derive` data); "
+                   "smoke/demo: wiring checks")
 @click.option("--checkpoint-every", type=int, default=None)
 @click.option("--eval-cases", type=int, default=None, help="evaluate only the first N test cases")
 @click.option("--empty-policy", type=click.Choice(["penalty", "zero"]), default=None,
@@ -87,14 +92,15 @@ def cli():
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
 @click.option("--overwrite", is_flag=True, help="replace an existing run folder")
 @click.option("--quiet", is_flag=True, help="no progress line")
-def run(method, labeled, data_dir, seed, iterations, patch, n_filters, device, protocol, val_cases, selection_every,
+def run(method, labeled, data_dir, seed, iterations, schedule_scale, patch, n_filters, device, protocol, val_cases, selection_every,
         profile, checkpoint_every,
         eval_cases, empty_policy, precision, units, options, teacher, out, resume, overwrite, quiet):
     """Train METHOD, evaluate it on the test set and write a self-describing run folder."""
     from .data import LAData
     from .trainer import build_config, run_training
 
-    given = dict(labeled=labeled, seed=seed, iterations=iterations, patch=_patch(patch), n_filters=n_filters,
+    given = dict(labeled=labeled, seed=seed, iterations=iterations, schedule_scale=schedule_scale,
+                 patch=_patch(patch), n_filters=n_filters,
                  device=device, protocol=protocol, val_cases=val_cases, selection_every=selection_every,
                  checkpoint_every=checkpoint_every, eval_cases=eval_cases, empty_policy=empty_policy,
                  precision=precision, units=units, teacher=str(teacher.resolve()) if teacher else None,
@@ -102,9 +108,23 @@ def run(method, labeled, data_dir, seed, iterations, patch, n_filters, device, p
     build_config(method, profile, **given)  # the options' own errors first, before the data is looked for
     # an imported data set's own patch, strides and units are its defaults
     cfg = build_config(method, profile, dataset_defaults=LAData(data_dir).run_defaults(), **given)
+    cfg = _cpu_precision(cfg)
     out = out or _default_out(method, labeled, seed, protocol, profile, cfg.precision)
     summary = run_training(cfg, out, data_dir, resume=resume, overwrite=overwrite, progress=not quiet)
     _print_summary(summary, out)
+
+
+def _cpu_precision(cfg):
+    """bf16 on a CPU without bf16 instructions: one line on stderr, fp32 instead, recorded (requested_precision)."""
+    from dataclasses import replace
+
+    from .precision import CPU_BF16_FALLBACK, cpu_bf16_supported
+    from .trainer import resolve_device
+
+    if cfg.precision == "bf16" and resolve_device(cfg.device).type == "cpu" and not cpu_bf16_supported():
+        click.echo(f"ssl-bench: {CPU_BF16_FALLBACK}", err=True)
+        return replace(cfg, precision="fp32", requested_precision="bf16")
+    return cfg
 
 
 def _print_summary(summary: dict, out: Path) -> None:
@@ -221,12 +241,39 @@ def data_import(src, out, fmt, label, test_fraction, test_list, test_from, seed,
                f"from {src} to {out} ({record['split']['method']}); record: {out / RECORD_NAME}")
 
 
+@data.command("derive")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--zoom", default="0.5", show_default=True, metavar="Z|ZX,ZY,ZZ",
+              help="resampling factor per axis (0.1 to 1): image trilinear, label by the 50%% rule")
+@click.option("--patch", default=None, metavar="X,Y,Z",
+              help="training patch recorded for the derived set (default: 112,112,80 times the zoom, to multiples of 16)")
+@click.option("--stride-xy", type=int, default=None, help="sliding-window stride in x/y (default: 18 times the zoom)")
+@click.option("--stride-z", type=int, default=None, help="sliding-window stride in z (default: 4 times the zoom)")
+def data_derive(src, out, zoom, patch, stride_xy, stride_z):
+    """Write the LA data set at SRC at reduced resolution to OUT (the CPU track's data): same cases and lists,
+    a record of the source checksums, zoom and rules; OUT appears only when complete."""
+    from .derive import derive
+
+    def progress(done, total, cid):  # on a terminal only: an error line must stay one line of its own
+        click.echo(f"\rderive: {done}/{total} cases ({cid})", nl=done == total, err=True)
+
+    record = derive(src, out, zoom=zoom, patch=patch, stride_xy=stride_xy, stride_z=stride_z,
+                    progress=progress if sys.stderr.isatty() else None,
+                    command={k: (str(v) if isinstance(v, Path) else v)  # not OUT: the record moves with the folder
+                             for k, v in click.get_current_context().params.items() if k != "out"})
+    s = record["settings"]
+    click.echo(f"derived {len(record['split']['train'])} train and {len(record['split']['test'])} test cases at zoom "
+               f"{record['preprocessing'][0]['zoom']} to {out}; patch {tuple(s['patch'])}, strides "
+               f"{s['eval_stride_xy']}/{s['eval_stride_z']}")
+
+
 @cli.command()
 @click.option("--method", "methods", multiple=True, default=("vnet",), show_default=True,
               help="method to bench (repeatable; `all` = vnet uamt sassnet dtc ssnet bcp omf), after one preload")
 @click.option("--data", "data_dir", default=None, help=DATA_HELP)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--profile", type=click.Choice(["paper", "smoke", "demo"]), default="paper", show_default=True)
+@click.option("--profile", type=click.Choice(["paper", "smoke", "demo", "cpu"]), default="paper", show_default=True)
 @click.option("--labeled", type=int, default=8, show_default=True, help="labeled cases of the split the streams draw from")
 @click.option("--iterations", type=int, default=None, help="timed iterations per stage and path (default 50 on CUDA, 3 on CPU)")
 @click.option("--warmup", type=int, default=None, help="untimed iterations before them (default 5 on CUDA, 1 on CPU)")

@@ -1,6 +1,6 @@
 """The one data layer: the LA release layout, the split, exact reference augmentation, batches.
 
-Layout (METHODS.md §1.1)::
+Layout (docs/methods.md §1.1)::
 
     ROOT/train.list, ROOT/test.list           one case id per line
     ROOT/2018LA_Seg_Training Set/<ID>/mri_norm2.h5   datasets `image` (float32), `label` ({0,1})
@@ -76,7 +76,7 @@ def with_validation(split: Split, k: int) -> Split:
     """``split`` with its last K unlabeled cases (= the last K of train.list) as the validation cases.
 
     They stay in the unlabeled pool, so training sees exactly what `honest` and `literature` see; only their
-    labels are new to the run, and those serve model selection alone (METHODS.md Decision 8).
+    labels are new to the run, and those serve model selection alone (docs/methods.md Decision 8).
     """
     if k < 1:
         raise UserError(f"--val-cases must be at least 1, got {k}")
@@ -88,6 +88,61 @@ def with_validation(split: Split, k: int) -> Split:
     if clash:  # cannot happen with distinct ids and disjoint lists; checked because selection must never see them
         raise UserError(f"validation case {clash[0]} is also labeled or a test case")
     return replace(split, val=tuple(val))
+
+
+#: the lists of a run's split (config.json "split"), in the order they are compared, and the file each comes from
+SPLIT_LISTS = (("labeled", "train.list"), ("unlabeled", "train.list"), ("val", "train.list"), ("test", "test.list"))
+
+
+def split_lists(data: "LAData", config: dict) -> dict[str, list[str]]:
+    """The labeled, unlabeled, validation and evaluated test ids that ``data``'s lists give now for a run's settings
+    (config.json "config": labeled, protocol, val_cases, eval_cases), as the trainer derives them."""
+    from .selection import DEFAULT_VAL_CASES
+
+    val_cases = config.get("val_cases")
+    if val_cases is None and config.get("protocol") == "val":
+        val_cases = DEFAULT_VAL_CASES  # a folder from before val_cases was recorded
+    split = data.split(int(config["labeled"]), int(val_cases or 0))
+    eval_cases = config.get("eval_cases")
+    test = split.test[:eval_cases] if eval_cases else split.test  # as Trainer.test_ids
+    return {"labeled": list(split.labeled), "unlabeled": list(split.unlabeled), "val": list(split.val),
+            "test": list(test)}
+
+
+def check_split(stored: dict, data: "LAData", source: str, what_to_do: str) -> None:
+    """A run's recorded split (config.json "split") must be what ``data``'s train.list and test.list give now, id by id
+    and in order; else one UserError naming the first differing id and its list. A folder whose config lacks a list
+    (an older one: no "unlabeled" or "val") is compared on the lists it has (and its "n_unlabeled" count)."""
+    recorded = stored.get("split") if isinstance(stored, dict) else None
+    config = stored.get("config") if isinstance(stored, dict) else None
+    if not isinstance(recorded, dict) or not isinstance(config, dict) or "labeled" not in config:
+        return
+    try:
+        current = split_lists(data, config)
+    except UserError as exc:
+        raise UserError(f"split changed: {data.root}'s lists cannot give the split {source} recorded ({exc}); "
+                        f"{what_to_do}") from None
+    except (TypeError, ValueError):
+        return  # a damaged config section is reported where the settings are read
+    for key, listed in SPLIT_LISTS:
+        ids = recorded.get(key)
+        if not isinstance(ids, list):
+            continue
+        now = current[key]
+        for i in range(max(len(ids), len(now))):
+            was = ids[i] if i < len(ids) else None
+            got = now[i] if i < len(now) else None
+            if was != got:
+                had = f"{was} as {key} case {i + 1}" if was is not None else f"{len(ids)} {key} cases"
+                gives = (f"only {len(now)} {key} cases" if got is None else
+                         f"{got} there" if was is not None else f"more, {got} as {key} case {i + 1}")
+                raise UserError(f"split changed: {source} recorded {had}, but {data.root / listed} now gives {gives}; "
+                                f"{what_to_do}")
+    n_unlabeled = recorded.get("n_unlabeled")
+    if not isinstance(recorded.get("unlabeled"), list) and isinstance(n_unlabeled, int) \
+            and n_unlabeled != len(current["unlabeled"]):
+        raise UserError(f"split changed: {source} recorded {n_unlabeled} unlabeled cases, but {data.root / 'train.list'} "
+                        f"now gives {len(current['unlabeled'])}; {what_to_do}")
 
 
 class LAData:

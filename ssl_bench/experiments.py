@@ -10,7 +10,7 @@ block may override the file's defaults. Example (the keys are all the format has
     profile = "paper"             # ssl_bench.trainer.PROFILES
     seeds = [1337, 1338, 1339]
     protocols = ["honest", "literature", "val"]   # val: selection on the validation cases (Decision 8)
-    precision = "tf32"            # or a list, e.g. ["tf32", "bf16"]: an axis (METHODS.md Decision 7; default tf32)
+    precision = "tf32"            # or a list, e.g. ["tf32", "bf16"]: an axis (docs/methods.md Decision 7; default tf32)
     [run]                         # RunConfig settings for every cell (e.g. iterations = 2; val_cases = 8 counts
                                   # for the val cells only, so it never changes an honest or literature cell's ID)
     [[grid]]
@@ -61,17 +61,17 @@ STAGE1_PROVIDERS = {"omf": "omf-s1-orgloss", "omf-s1-s2": "omf-s1"}
 #: every method the project plans to register (validating the shipped files before all exist)
 PLANNED_METHODS = ("vnet", "uamt", "sassnet", "dtc", "ssnet", "bcp", "omf", "omf-s1", "omf-s1-orgloss", "omf-s1-s2")
 
-TOP_KEYS = {"title", "description", "paper", "compare_to", "profile", "seeds", "protocols", "precision", "run", "grid",
+TOP_KEYS = {"title", "description", "paper", "order_against", "compare_to", "profile", "seeds", "protocols", "precision", "run", "grid",
             "occlusion"}
 BLOCK_KEYS = {"methods", "labeled", "seeds", "protocols", "precision", "profile", "run"}
 OCCLUSION_KEYS = {"variant", "ratios", "repeats"}
 #: RunConfig settings a [run] table may set (method/labeled/seed/protocol/profile are axes; teacher is the sweep's)
-RUN_KEYS = {"iterations", "patch", "n_filters", "device", "checkpoint_every", "log_every", "selection_every", "val_cases",
+RUN_KEYS = {"iterations", "schedule_scale", "patch", "n_filters", "device", "checkpoint_every", "log_every", "selection_every", "val_cases",
             "eval_stride_xy", "eval_stride_z", "eval_cases", "empty_policy", "units", "fast", "options"}
 #: settings that do not change what a run computes: left out of the cell ID and of the "same run?" check
-NON_DEFINING = {"device", "fast", "teacher", "log_every", "checkpoint_every"}
+NON_DEFINING = {"device", "fast", "teacher", "log_every", "checkpoint_every", "requested_precision"}
 #: settings added after run folders were first written: a stored config without one computed with this value
-ADDED_DEFAULTS = {"units": "voxel"}
+ADDED_DEFAULTS = {"units": "voxel", "schedule_scale": 1.0, "requested_precision": None}
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,8 @@ class Experiment:
     compare_to: str | None
     cells: list[Cell]  # the listed cells, in file order (what the report tabulates)
     occlusion: Occlusion | None = None
+    #: a paper table whose method ORDER the report sets beside ours (Kendall's τ; its numbers are not shown)
+    order_against: str | None = None
 
     def plan(self, registry_stages: dict[str, list[str]] | None = None) -> list[Cell]:
         """Every cell to train, stage-1 providers first where a cell reuses one (see STAGE1_PROVIDERS).
@@ -251,6 +253,9 @@ def parse_experiment(raw: dict, path: Path, methods: set[str]) -> Experiment:
     paper = _string(raw, "paper", fail, default=None)
     if paper is not None and paper not in PAPER_TABLES:
         fail(f"paper must be one of {', '.join(PAPER_TABLES)}, got {paper!r}")
+    order_against = _string(raw, "order_against", fail, default=None)
+    if order_against is not None and order_against not in PAPER_TABLES:
+        fail(f"order_against must be one of {', '.join(PAPER_TABLES)}, got {order_against!r}")
     compare_to = _string(raw, "compare_to", fail, default=None)
     if compare_to is not None and compare_to not in methods:
         fail(f"compare_to: unknown method {compare_to!r}; known: {', '.join(sorted(methods))}")
@@ -313,7 +318,8 @@ def parse_experiment(raw: dict, path: Path, methods: set[str]) -> Experiment:
     occlusion = None
     if "occlusion" in raw:
         occlusion = _occlusion(raw["occlusion"], fail)
-    return Experiment(Path(path).stem, Path(path), title, description, paper, compare_to, cells, occlusion)
+    return Experiment(Path(path).stem, Path(path), title, description, paper, compare_to, cells, occlusion,
+                      order_against)
 
 
 def _check_keys(table: dict, allowed: set[str], at: str, fail) -> None:

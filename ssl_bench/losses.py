@@ -1,4 +1,4 @@
-"""Loss primitives, ramp-up and EMA helpers shared by the methods (METHODS.md §1.6, §1.7, §3.2).
+"""Loss primitives, ramp-up and EMA helpers shared by the methods (docs/methods.md §1.6, §1.7, §3.2).
 
 The three Dice variants differ between the reference codebases and are kept distinct on
 purpose (§1.6, §7): ``dice_fg_sq`` (UA-MT/DTC/SASSNet), ``dice_fg_lin`` (SS-Net) and
@@ -79,7 +79,7 @@ def _voxel_mask(mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def dice_fg_sq(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """DiceFG-sq (UA-MT / DTC / SASSNet ``dice_loss``), METHODS.md §1.6.
+    """DiceFG-sq (UA-MT / DTC / SASSNet ``dice_loss``), docs/methods.md §1.6.
 
         L = 1 - (2·Σ p·g + 1e-5) / (Σ p² + Σ g² + 1e-5)
 
@@ -96,7 +96,7 @@ def dice_fg_sq(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def dice_fg_lin(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """DiceFG-lin (SS-Net ``Binary_dice_loss``), METHODS.md §1.6.
+    """DiceFG-lin (SS-Net ``Binary_dice_loss``), docs/methods.md §1.6.
 
         L = 1 - (2·Σ p·g + 1e-8) / (Σ p + Σ g + 1e-8)
 
@@ -113,7 +113,7 @@ def dice_fg_lin(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def dice_mc(
     logits: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """DiceMC (BCP/OMF ``mask_DiceLoss``, nclass = 2), METHODS.md §1.6.
+    """DiceMC (BCP/OMF ``mask_DiceLoss``, nclass = 2), docs/methods.md §1.6.
 
     p = softmax(logits) over channels, g = one-hot(target). For each sample n and class c
     (background included), with m the voxel mask (all ones when ``mask`` is None):
@@ -153,7 +153,7 @@ def dice_mc(
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """CE on logits, mean over all voxels (PyTorch ``F.cross_entropy``), METHODS.md §1.6.
+    """CE on logits, mean over all voxels (PyTorch ``F.cross_entropy``), docs/methods.md §1.6.
 
         L = mean_v [ -log softmax(logits)_{v, target_v} ]
 
@@ -166,7 +166,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def masked_cross_entropy(
     logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Masked CE (BCP ``mix_loss``), METHODS.md §1.6.
+    """Masked CE (BCP ``mix_loss``), docs/methods.md §1.6.
 
         L = Σ_v CE_v·m_v / (Σ_v m_v + 1e-16)
 
@@ -180,7 +180,7 @@ def masked_cross_entropy(
 
 
 def softmax_mse(a_logits: torch.Tensor, b_logits: torch.Tensor) -> torch.Tensor:
-    """softmax-MSE, METHODS.md §1.6: (softmax(a) - softmax(b))² element-wise over channel dim 1.
+    """softmax-MSE, docs/methods.md §1.6: (softmax(a) - softmax(b))² element-wise over channel dim 1.
 
     No reduction: each method reduces as its section says (e.g. UA-MT's masked sum over
     channels and voxels divided by 2·Σm). No gradient is stopped here; detach the teacher's
@@ -198,7 +198,7 @@ def softmax_mse(a_logits: torch.Tensor, b_logits: torch.Tensor) -> torch.Tensor:
 
 
 def sigmoid_rampup(current: float, length: float) -> float:
-    """Sigmoid ramp-up, METHODS.md §1.7.
+    """Sigmoid ramp-up, docs/methods.md §1.7.
 
         r(t, L) = exp(-5·(1 - clip(t, 0, L)/L)²),   and 1.0 if L == 0.
 
@@ -214,7 +214,7 @@ def sigmoid_rampup(current: float, length: float) -> float:
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
-    """In-place EMA of parameters, METHODS.md §3.2 item 8 (also BCP with fixed α = 0.99).
+    """In-place EMA of parameters, docs/methods.md §3.2 item 8 (also BCP with fixed α = 0.99).
 
         θ_T ← α·θ_T + (1 - α)·θ_S
 
@@ -243,7 +243,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
 
 
 def uamt_ema_alpha(iteration0: int, cap: float = 0.99) -> float:
-    """UA-MT EMA decay, METHODS.md §3.2 item 8: α = min(1 - 1/(iter + 1), cap), iter 0-based.
+    """UA-MT EMA decay, docs/methods.md §3.2 item 8: α = min(1 - 1/(iter + 1), cap), iter 0-based.
 
     α = 0 at iteration 0 (teacher becomes an exact copy of the student).
     """
@@ -282,7 +282,7 @@ def inner_boundary(fg: np.ndarray) -> np.ndarray:
 
 
 def signed_distance_target(labels: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
-    """Normalised signed-distance target (DTC/SASSNet ``compute_sdf``), METHODS.md §1.6.
+    """Normalised signed-distance target (DTC/SASSNet ``compute_sdf``), docs/methods.md §1.6.
 
     For each sample b of ``labels`` (N, *spatial), with fg = labels[b] != 0 and bg = ~fg:
 

@@ -28,7 +28,8 @@ from .vnet import VNet
 #: The public API that method code (``methods/`` and plugins) may use; a later rename keeps the old name
 #: working (README "Your method beside the seven"). Batch fields: ``labeled_image``, ``label``,
 #: ``unlabeled_image`` (ssl_bench.data.Batch); helpers: ``ssl_bench.losses``, ``ssl_bench.mixing``.
-__all__ = ["Stage", "StageContext", "register", "registry", "get_method", "MethodSpec", "MethodClash"]
+__all__ = ["Stage", "StageContext", "register", "registry", "get_method", "MethodSpec", "MethodClash",
+           "scale_iterations"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,16 @@ class StageContext:
     n_filters: int = 16
     iterations: int | None = None  # the run's per-stage override (--iterations); None: each stage's own default
     options: dict = field(default_factory=dict)
+    #: the run's schedule scale s (docs/methods.md Decision 10 and "The CPU track"): every constant a stage counts in
+    #: iterations (its length, lr steps, ramps, selection) is ``Stage.scaled(n)`` = round(n·s); 1.0 is the paper
+    schedule_scale: float = 1.0
+
+
+def scale_iterations(n: int, scale: float) -> int:
+    """An iteration-counted constant ``n`` under schedule scale ``scale``: round(n·s), at least 1; exactly ``n`` at 1.0."""
+    if scale == 1.0:
+        return int(n)
+    return max(1, int(round(n * scale)))
 
 
 class MethodClash(PluginError, ValueError):
@@ -83,9 +94,18 @@ class Stage(ABC):
         return {"main": torch.optim.SGD(nets[self.trained].parameters(), lr=self.base_lr,
                                         momentum=0.9, weight_decay=1e-4)}
 
+    def scaled(self, n: int) -> int:
+        """A constant counted in iterations (a stage length, an lr step, a ramp unit, a selection point) under
+        the run's schedule scale (:func:`scale_iterations`); ``n`` itself at scale 1.0 (the paper)."""
+        return scale_iterations(n, self.ctx.schedule_scale)
+
+    def run_iterations(self) -> int:
+        """The iterations this stage runs: the run's ``--iterations`` override, else its scaled default."""
+        return int(self.ctx.iterations if self.ctx.iterations is not None else self.scaled(self.iterations))
+
     def lr(self, done: int) -> float:
-        """Step schedule (§1.8): ×0.1 after every 2500 completed iterations."""
-        return self.base_lr * 0.1 ** (done // 2500)
+        """Step schedule (§1.8): ×0.1 after every 2500 (scaled) completed iterations."""
+        return self.base_lr * 0.1 ** (done // self.scaled(2500))
 
     def host_targets(self, batch) -> dict:
         """Per-batch targets computed on the host from the batch, before :meth:`losses` (optional; none by default).

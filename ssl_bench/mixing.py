@@ -1,4 +1,4 @@
-"""Mixing pieces shared by BCP and OMF (METHODS.md §3.6, §3.7): the cut cuboid, hard copy-paste of
+"""Mixing pieces shared by BCP and OMF (docs/methods.md §3.6, §3.7): the cut cuboid, hard copy-paste of
 images and labels, and hard pseudo-labels.
 
 * :func:`mix` is the one copy-paste primitive, ``a⊙m + b⊙(1−m)`` with a binary mask m, written as a

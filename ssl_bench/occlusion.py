@@ -1,4 +1,4 @@
-"""Occlusion robustness, the paper's Fig. 3 (METHODS.md §3.7.8, Decisions 5).
+"""Occlusion robustness, the paper's Fig. 3 (docs/methods.md §3.7.8, Decisions 5).
 
 Trained run folders are evaluated on their test cases with one axis-aligned cuboid of each test
 image set to 0 (the scan-mean intensity, §1.1); the label is never touched. Every prediction goes
@@ -404,7 +404,7 @@ def run_occlusion(run_dirs, ratios: str | None = None, step: float = 0.1, repeat
     todo = [p for p in plan if not p[5]]
     shown = _panel_choice(todo, data) if panel else None
     manifest = {
-        "status": "running", "variant": variant, "protocol_section": "METHODS.md §3.7.8", "occlusion_seed": seed,
+        "status": "running", "variant": variant, "protocol_section": "docs/methods.md §3.7.8", "occlusion_seed": seed,
         "ratios": ratio_list, "ratios_arg": ratio_text, "step": step, "repeats": repeats,
         "ratio0_repeats": 1, "fill_value": 0.0, "training_patch": list(patch) if variant == "code" else None,
         "std": "population std over repeats of the per-case-mean metric",

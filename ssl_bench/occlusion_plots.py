@@ -1,4 +1,4 @@
-"""Figures of the occlusion test (METHODS.md §3.7.8): the paper's Fig. 3 and a qualitative panel.
+"""Figures of the occlusion test (docs/methods.md §3.7.8): the paper's Fig. 3 and a qualitative panel.
 
 Both are drawn from stored files alone (``occlusion_per_case.csv``, ``panel.npz``), so a figure can
 be rebuilt or restyled without evaluating anything. Figures are built on ``matplotlib.figure.Figure``

@@ -1,4 +1,4 @@
-"""Published LA numbers as data (METHODS.md §5): the OMF paper's Tables 1–2 (§5.1, verified) and
+"""Published LA numbers as data (docs/methods.md §5): the OMF paper's Tables 1–2 (§5.1, verified) and
 each method's own paper figure where §5 has one.
 
 Every figure is (Dice %, Jaccard %, 95HD voxels, ASD voxels), keyed by (method, labeled).

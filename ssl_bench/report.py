@@ -7,9 +7,10 @@ that is not its cell is refused with one line naming the folder and the first di
 summary.json names another method, labeled count, seed or protocol, it has no ``config.json``, or
 its stored settings differ from the cell's (``ssl_bench.experiments.same_run``: device, the fast-path
 switches besides precision, teacher folder and log/checkpoint intervals do not count), as ``ssl-bench
-sweep`` refuses it.
+sweep`` refuses it. So is a folder whose recorded split (labeled, unlabeled, validation and test ids, in
+order) differs from what its data root's train.list and test.list give now, where that root is on this machine.
 
-Precision (METHODS.md Decision 7) is part of every row's identity: the tables come one per protocol
+Precision (docs/methods.md Decision 7) is part of every row's identity: the tables come one per protocol
 and precision (the heading names it, the CSVs have a ``precision`` column), so runs of different
 precision are never averaged or paired. A run folder made before precision was recorded is named
 below its table with what it computed (``ssl_bench.precision.recorded_precision``: bf16 autocast for a
@@ -20,13 +21,13 @@ What it writes to ``results/<experiment>/`` (atomically, ssl_bench.runs.atomic_w
 - ``table.md``, ``table.tex``, ``table.csv``: one table per protocol. Each row is a (method,
   labeled) pair with mean ± std over seeds (sample std, n−1) of Dice/Jaccard (%) and 95HD/ASD
   (voxels) under the method's own post-processing (Decisions 3; the LCC column says which), the
-  paper's numbers (METHODS.md §5.1) and ours − paper, the method's own paper figure (§5) where it
+  paper's numbers (docs/methods.md §5.1) and ours − paper, the method's own paper figure (§5) where it
   has one, seed count, empty predictions, and training+evaluation minutes of the cell's runs
   (including a stage 1 reused from another run). The CSV has every number, for both
   post-processings. A second Markdown table gives Dice and 95HD without and with LCC.
 - ``selection.csv`` and a "Model selection" section (ssl_bench/selection_report.py): honest, literature
   and val Dice side by side, and per (method, labeled) the last, val-selected and best-on-test Dice
-  with their differences (best-on-test from the literature runs only; METHODS.md Decision 8).
+  with their differences (best-on-test from the literature runs only; docs/methods.md Decision 8).
 - ``wilcoxon.csv``: paired per-case Wilcoxon signed-rank tests (scipy.stats.wilcoxon, two-sided)
   of the reference method (``compare_to``, OMF) against every other method at the same labeled
   count and protocol; per-case Dice is first averaged over seeds. Posts: "own" (each method's
@@ -60,6 +61,7 @@ from .errors import UserError
 from .experiments import (DEFAULT_PRECISION, LA_TRAIN_CASES, PLANNED_METHODS, PROTOCOLS, Cell, Experiment,
                           load_experiment, same_run)
 from .runs import atomic_savefig, atomic_write_text, read_json
+from . import track_report
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 PERCENT = {"dice", "jaccard"}
@@ -124,6 +126,7 @@ def load_run(cell: Cell, runs_dir: Path) -> Run | None:
     diff = same_run(stored, cell.config(dataset_defaults=run_defaults_from(imported, d / "config.json")).to_json())
     if diff:
         raise UserError(f"{d} is not the cell {cell.id} ({diff}); move it away or use another --runs-dir")
+    _check_split(d, config)
     per_case = pd.read_csv(d / "metrics_per_case.csv") if (d / "metrics_per_case.csv").is_file() else pd.DataFrame(
         columns=["case", "post", *METRICS, "empty"])
     legacy = None
@@ -132,6 +135,17 @@ def load_run(cell: Cell, runs_dir: Path) -> Run | None:
 
         legacy = recorded_precision(stored, summary.get("device"))
     return Run(cell, summary, config, per_case, run_minutes(summary, config), summary.get("gpu"), legacy)
+
+
+def _check_split(d: Path, config: dict) -> None:
+    """The run's recorded split against what its data root's train.list and test.list give now (ssl_bench.data.check_split);
+    not checked where that root is not on this machine (the report reads run folders only)."""
+    root = config.get("data", {}).get("root") if isinstance(config.get("data"), dict) else None
+    if not root or not (Path(root) / "train.list").is_file():
+        return
+    from .data import LAData, check_split
+
+    check_split(config, LAData(root), f"{d} (config.json)", "restore train.list and test.list, or move the folder away")
 
 
 def run_minutes(summary: dict, config: dict) -> float:
@@ -155,9 +169,12 @@ def precisions_of(exp: Experiment) -> list[str]:
     return list(dict.fromkeys(c.precision for c in exp.cells))
 
 
-def collect(exp: Experiment, runs_dir: Path) -> list[Row]:
-    """One row per (protocol, precision, labeled, method), in table order: labeled, then the file's method order."""
-    runs_dir = Path(runs_dir)
+def collect(exp: Experiment, runs_dir) -> list[Row]:
+    """One row per (protocol, precision, labeled, method), in table order: labeled, then the file's method order.
+
+    ``runs_dir``: one folder or several (ssl_bench.track_report: a cell is looked for in each, found in one)."""
+    dirs = track_report.runs_dirs(runs_dir)
+    folders: dict[str, Path] = {}
     method_order = list(dict.fromkeys(c.method for c in exp.cells))
     pairs = sorted({(c.labeled, c.method) for c in exp.cells}, key=lambda p: (p[0], method_order.index(p[1])))
     protocols = [p for p in PROTOCOLS if any(c.protocol == p for c in exp.cells)]
@@ -166,7 +183,10 @@ def collect(exp: Experiment, runs_dir: Path) -> list[Row]:
     def runs_of(cells):
         for c in cells:
             if c.id not in cache:
-                cache[c.id] = load_run(c, runs_dir)
+                where = track_report.folder_of(c, dirs)
+                cache[c.id] = load_run(c, where) if where is not None else None
+                if where is not None:
+                    folders[c.id] = c.run_dir(where)
         return [cache[c.id] for c in cells if cache[c.id] is not None]
 
     rows = []
@@ -176,6 +196,14 @@ def collect(exp: Experiment, runs_dir: Path) -> list[Row]:
                 key = (method, labeled, protocol, precision)
                 cells = [c for c in exp.cells if (c.method, c.labeled, c.protocol, c.precision) == key]
                 note = ""
+                if not cells and protocol == "honest":  # a single-stage method's val run trains what honest does
+                    val = [c for c in exp.cells
+                           if (c.method, c.labeled, c.protocol, c.precision) == (method, labeled, "val", precision)]
+                    derived = track_report.honest_from_val(runs_of(val), folders) if val else None
+                    if derived:
+                        rows.append(Row(protocol, method, labeled, [c.seed for c in val], derived,
+                                        track_report.VAL_LAST_NOTE, precision))
+                    continue
                 if not cells:
                     honest = [c for c in exp.cells
                               if (c.method, c.labeled, c.protocol, c.precision) == (method, labeled, "honest", precision)]
@@ -213,7 +241,7 @@ def legacy_notes(rows: list[Row]) -> str:
     for prec in sorted({p for _, p in found}):
         ids = ", ".join(i for i, p in found if p == prec)
         parts.append(f"{ids}: {prec}" + (" (bf16 autocast, the old CUDA fast path)" if prec == "bf16" else ""))
-    return ("\nPrecision not recorded (run folders made before it was; METHODS.md Decision 7), taken from what "
+    return ("\nPrecision not recorded (run folders made before it was; docs/methods.md Decision 7), taken from what "
             "they computed: " + "; ".join(parts) + ".\n")
 
 
@@ -303,6 +331,10 @@ MAIN_HEADER = ["Method", "Labeled", "Unlabeled", "Protocol", "Precision", "LCC",
                "Train+eval min (device)"]
 
 
+#: the main table's columns of published numbers (left out where none can be shown)
+PUBLISHED_COLUMNS = (11, 12, 13)
+
+
 def main_table_rows(rows: list[Row], paper: str | None) -> list[list[str]]:
     hide_own = bool(imported_roots(rows))  # the own-paper figures are LA's too
     out = []
@@ -369,7 +401,8 @@ def csv_table(rows: list[Row], paper: str | None) -> pd.DataFrame:
                    "precision_recorded": all(r.legacy_precision is None for r in row.runs) if row.runs else None,
                    "method": row.method, "labeled": row.labeled,
                    "unlabeled": unlabeled_count(row), "post": post, "own_post": post == row.post if row.runs else None,
-                   "runs_protocol": "honest" if row.note else row.protocol, "n_seeds": len(row.runs), "n_planned": len(row.planned),
+                   "runs_protocol": ("val" if row.note == track_report.VAL_LAST_NOTE else "honest") if row.note
+                   else row.protocol, "n_seeds": len(row.runs), "n_planned": len(row.planned),
                    "seeds": " ".join(str(r.cell.seed) for r in row.runs), "status": _status(row)}
             for m in METRICS:
                 s = metric_stats(row, post, m) if row.runs else None
@@ -687,8 +720,10 @@ def main_header(units: str = "voxel") -> list[str]:
 def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion: Path | None = None,
                  echo=click.echo) -> dict:
     exp = experiment if isinstance(experiment, Experiment) else load_experiment(experiment, methods=report_methods())
-    runs_dir = Path(runs_dir).resolve()
+    dirs = track_report.runs_dirs(runs_dir)
+    runs_dir = dirs[0] if len(dirs) == 1 else dirs
     out = Path(out if out is not None else Path("results") / exp.name).resolve()
+    exp = track_report.with_user_runs(exp, dirs)
     rows = collect(exp, runs_dir)
     imported = imported_roots(rows)
     if imported and exp.paper:  # the published numbers are LA's: never set beside another data set's runs
@@ -708,14 +743,16 @@ def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion
     atomic_write_text(out / "wilcoxon.csv", tests.to_csv(index=False))
     written["wilcoxon.csv"] = out / "wilcoxon.csv"
 
-    md = [f"# {exp.title}\n", f"Generated by `ssl-bench report {exp.name}` from the run folders in `{runs_dir}` "
+    md = [f"# {exp.title}\n", ("" if not exp.description else f"\n{exp.description}\n\n"),
+          f"Generated by `ssl-bench report {exp.name}` from the run folders in "
+          f"{', '.join(f'`{_shown(d)}`' for d in dirs)} "
           f"(experiment file `{exp.path.name}`). Dice and Jaccard in %, 95HD and ASD in {UNIT_LABEL[units][1]}; mean ± sample std "
-          "over seeds under each method's own post-processing (LCC column, METHODS.md §2.2). "
+          "over seeds under each method's own post-processing (LCC column, docs/methods.md §2.2). "
           + ("Paper: the OMF paper's own table (§5.1); ours − paper in the same units; own paper: the method's "
              "own publication (§5). " if exp.paper else "")
           + "Empty: empty predictions / evaluated cases over all seeds. Train+eval min: training + evaluation wall time "
           "of the cell's runs together (a reused stage 1 included), on the device named. Missing cells are shown as "
-          "missing. One table per protocol and precision (METHODS.md Decision 7; `table.csv` has a precision "
+          "missing. One table per protocol and precision (docs/methods.md Decision 7; `table.csv` has a precision "
           "column): runs of different precision are never averaged or paired.\n"]
     if imported:
         md.append(f"\nRuns trained on an imported data set ({', '.join(imported)}): the published numbers are LA's and "
@@ -727,10 +764,16 @@ def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion
             continue
         suffix = "" if len(precisions) == 1 else f"_{precision}"
         body = main_table_rows(prow, exp.paper)
-        md += [f"\n## Protocol: {protocol} · precision {precision}\n\n", markdown_table(header, body)]
+        shown_header = header
+        if not exp.paper and imported:  # no published number can be shown: no column for one either
+            keep = [i for i, h in enumerate(header) if i not in PUBLISHED_COLUMNS]
+            shown_header, body = [header[i] for i in keep], [[r[i] for i in keep] for r in body]
+        md += [f"\n## Protocol: {protocol} · precision {precision}\n\n", markdown_table(shown_header, body)]
         md.append(legacy_notes(prow))
         if any(r.note == FALLBACK_NOTE for r in prow):
             md.append("\n" + FALLBACK_TEXT + "\n")
+        if any(r.note == track_report.VAL_LAST_NOTE for r in prow):
+            md.append("\n" + track_report.VAL_LAST_TEXT + "\n")
         notes = sorted({f"{published.display_name(r.method, exp.paper)} {r.labeled}: {f.note}"
                         for r in prow for f in [published.paper_figure(exp.paper, r.method, r.labeled)]
                         if f is not None and f.note})
@@ -743,7 +786,7 @@ def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion
             md += ["\nThe same literature runs at their test-selected checkpoint and at their last weights "
                    "(how much the selection on the test set adds; a second stage still starts from the first stage's "
                    "selection):\n\n", markdown_table(SELECTION_HEADER, selection)]
-        tex.append(latex_table(header, body, f"{exp.title}: protocol {protocol}, precision {precision}"))
+        tex.append(latex_table(shown_header, body, f"{exp.title}: protocol {protocol}, precision {precision}"))
         plots = [(f"dice_per_case_{protocol}{suffix}", plot_per_case)]
         if exp.paper == "table2":
             plots.append((f"ablation_{protocol}{suffix}", plot_ablation))
@@ -762,6 +805,12 @@ def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion
            "against every other method\n\nPer-case Dice averaged over seeds, each method's own post-processing, "
            "two-sided (scipy.stats.wilcoxon); `wilcoxon.csv` also has both methods raw and both with LCC.\n\n",
            wilcoxon_markdown(tests, exp.paper) if exp.compare_to else "No reference method (compare_to) set.\n"]
+    if exp.order_against:
+        order = track_report.ordering_frame(rows, tests, exp.order_against)
+        atomic_write_text(out / "ordering.csv", order.to_csv(index=False))
+        written["ordering.csv"] = out / "ordering.csv"
+        md.append(track_report.ordering_markdown(order, exp.order_against, exp.compare_to))
+        md.append(track_report.budget_markdown(rows))
     if exp.occlusion is not None:
         source = Path(occlusion).resolve() if occlusion is not None else out / "occlusion"
         md.append(occlusion_section(exp, source, out, written))
@@ -783,6 +832,15 @@ def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion
     missing = sum(1 for r in rows if not r.runs)
     echo(f"report {exp.name}: {len(rows)} rows ({missing} missing) -> {out}")
     return written
+
+
+def _shown(path: Path) -> str:
+    """A folder as the report names it: relative to the working folder where it lies below it (the same text
+    wherever the repository is checked out), else absolute."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _maybe_load(name: str) -> Experiment | None:
@@ -827,7 +885,7 @@ def occlusion_section(exp: Experiment, source: Path, out: Path, written: dict) -
 def reproduction_markdown(sections: list[tuple[Experiment, list[Row]]], runs_dir: Path | None = None) -> str:
     """REPRODUCTION.md: for every row of Tables 1–2, the paper's numbers beside ours, by protocol and seed count."""
     lines = ["# Reproduction of the OMF paper's Tables 1–2\n\n",
-             "Paper = the OMF paper (METHODS.md §5.1). Ours = mean over seeds of Dice % / Jaccard % / 95HD / ASD "
+             "Paper = the OMF paper (docs/methods.md §5.1). Ours = mean over seeds of Dice % / Jaccard % / 95HD / ASD "
              "(voxels) under the method's own post-processing (LCC column). `honest` evaluates the last checkpoint; "
              "`literature` repeats the reference's best-on-test selection (Decisions 2). Regenerated by "
              "`ssl-bench report table1` or `table2`" + (f" from `{runs_dir}`" if runs_dir else "") + ".\n"]
@@ -860,12 +918,13 @@ def reproduction_markdown(sections: list[tuple[Experiment, list[Row]]], runs_dir
 
 @click.command("report")
 @click.argument("experiment")
-@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
-              help="where the run folders live")
+@click.option("--runs-dir", type=click.Path(path_type=Path), multiple=True, default=(Path("runs"),), show_default=True,
+              help="where the run folders live (repeatable: the experiment's cells are looked for in each; the second "
+                   "and later may also hold your own runs of other methods, trained with the experiment's settings)")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="output folder (default results/<experiment>)")
 @click.option("--occlusion", type=click.Path(path_type=Path), default=None,
               help=f"occlusion results (a `ssl-bench occlusion --out` folder or its {OCCLUSION_CSV}) for an experiment "
                    "with an [occlusion] section (default: <out>/occlusion)")
 def report_command(experiment, runs_dir, out, occlusion):
     """Tables (Markdown, LaTeX, CSV), paired tests and plots for EXPERIMENT from its run folders."""
-    write_report(experiment, runs_dir, out, occlusion)
+    write_report(experiment, list(runs_dir), out, occlusion)

@@ -5,6 +5,11 @@ Everything a run folder holds is data, never code: checkpoints and stage files a
 refused instead of executed. A damaged file gives one line naming it and what to do (UserError).
 A folder being written is locked (``fcntl.flock`` on ``DIR/.lock``); the operating system drops the
 lock when its holder dies, so a killed run never blocks its own resume.
+
+Nothing is written through a link: the lock is opened with ``O_NOFOLLOW``, and a run folder's
+``.lock``, ``log.jsonl``, ``config.json``, ``summary.json``, ``checkpoints/``, ``stages/`` (and the files
+written inside them) that are symbolic links or not regular files/folders are refused with one line
+(:func:`require_regular`). ``--overwrite`` empties only a run folder, never the data (:func:`check_overwrite`).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import pickle
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -116,6 +122,11 @@ def _torch_save_synced(obj, tmp: str) -> None:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
+    """A checkpoint or stage file, written atomically; its folder (checkpoints/, stages/) and the file it replaces
+    must be the run folder's own (a symbolic link there would put the file elsewhere): see :func:`require_regular`."""
+    path = Path(path)
+    require_regular(path.parent, folder=True)
+    require_regular(path)
     atomic_write(path, lambda tmp: _torch_save_synced(obj, tmp))
 
 
@@ -132,6 +143,8 @@ def save_checkpoint(obj, folder: Path) -> None:
     """
     folder = Path(folder)
     last = folder / LAST
+    for path in (folder, last, folder / PREVIOUS):
+        require_regular(path, folder=path == folder)
     try:
         tmp = atomic_write(last, lambda t: _torch_save_synced(obj, t), replace=False)
     except WriteError as exc:
@@ -227,8 +240,9 @@ def _json_default(o):
 
 #: what to do about a damaged run-folder JSON file, and the keys it must have
 _RUN_JSON = {
-    "config.json": ("it cannot be rebuilt: restore it from a copy of the run folder, or retrain the run with "
-                    "`ssl-bench run ... --overwrite`", ("config",)),
+    "config.json": ("it cannot be rebuilt: restore it from a copy of the run folder, or delete the folder and retrain "
+                    "the run (`ssl-bench run ... --overwrite` replaces only a folder whose config.json is intact)",
+                    ("config",)),
     "summary.json": ("delete it and run `ssl-bench eval` on the run folder to rewrite it (its training timings are "
                      "lost)", ("metrics",)),
 }
@@ -304,6 +318,74 @@ def provenance() -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------- own entries only
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def require_regular(path: Path, folder: bool = False) -> Path:
+    """``path`` as a run-folder entry ssl-bench may write: absent, or a regular file (``folder``: a real folder).
+
+    A symbolic link (even a dangling one) or anything else (a pipe, a device, a folder where a file belongs)
+    is refused with one UserError naming it: writing through it could change or create a file outside
+    the run folder.
+    """
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return path
+    except OSError as exc:
+        raise UserError(f"cannot inspect {path} ({exc.strerror or exc})") from None
+    wanted = "folder" if folder else "file"
+    if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)):
+        raise UserError(f"refusing to use {path}: it is {_kind(mode)}, not a regular {wanted}, and writing through it "
+                        f"could change files outside the run folder; move it away (or put the {wanted} itself there)")
+    return path
+
+
+def open_append(path: Path):
+    """``open(path, "a")`` for a run folder's own file: never through a symbolic link (a dangling one would create
+    its target), never a pipe or device; one UserError naming the path otherwise."""
+    path = require_regular(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # became a link since the check
+            require_regular(path)
+        raise WriteError(path, exc) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UserError(f"refusing to use {path}: it is {_kind(mode)}, not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a")
+
+
+#: what a run folder holds at its top level, and whether each is a folder; ssl-bench writes or replaces them
+RUN_ENTRIES = {".lock": False, "log.jsonl": False, "config.json": False, "summary.json": False,
+               "metrics_per_case.csv": False, "metrics_per_case_last.csv": False, "checkpoints": True, "stages": True}
+
+
+def require_run_entries(folder: Path) -> None:
+    """Every entry of ``folder`` that a run, --resume or eval writes is the folder's own (:func:`require_regular`);
+    the files inside checkpoints/ and stages/ are checked again as they are written (:func:`atomic_torch_save`)."""
+    folder = Path(folder)
+    for name, is_folder in RUN_ENTRIES.items():
+        require_regular(folder / name, folder=is_folder)
+
+
 # ---------------------------------------------------------------------------------- one writer
 
 LOCK_NAME = ".lock"
@@ -345,11 +427,17 @@ def lock_folder(folder: Path, name: str = LOCK_NAME, busy: str | None = None) ->
     ``busy`` words the refusal (default: "FOLDER is being written by another process").
     """
     folder = Path(folder)
-    path = folder / name
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    path = require_regular(folder / name)
+    try:  # never through a link (O_NOFOLLOW), never blocking on a pipe (O_NONBLOCK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:  # became a link since the check
+            require_regular(path)
         raise UserError(f"cannot create the lock file {path} ({exc.strerror or exc}); the folder must be writable") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UserError(f"refusing to use {path}: it is {_kind(st.st_mode)}, not a regular file")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -358,6 +446,8 @@ def lock_folder(folder: Path, name: str = LOCK_NAME, busy: str | None = None) ->
             raise _busy(folder, path, busy) from None
         raise UserError(f"cannot lock {path} ({exc.strerror or exc}); this file system does not support "
                         f"locks, so ssl-bench cannot make sure that one process writes the folder") from None
+    if st.st_nlink != 1 or st.st_uid != os.geteuid():
+        return FolderLock(fd, path)  # another name of the file, or not ours: the lock, but no note written into it
     try:
         os.ftruncate(fd, 0)
         stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -371,7 +461,7 @@ def refuse_if_locked(folder: Path, name: str = LOCK_NAME) -> None:
     """Raise the "being written" UserError if a live process holds ``folder``'s lock; never creates a file."""
     path = Path(folder) / name
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return
     try:
@@ -384,15 +474,55 @@ def refuse_if_locked(folder: Path, name: str = LOCK_NAME) -> None:
 
 
 def _has_content(folder: Path) -> bool:
-    return any(p.name != LOCK_NAME for p in folder.iterdir())
+    # the lock, and what a write killed before config.json existed leaves (atomic_write's temporary file), are no run
+    return any(p.name != LOCK_NAME and not p.name.startswith(".config.json.") for p in folder.iterdir())
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> FolderLock:
+def _within(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a config.json that ssl-bench wrote for a run: a regular file (not a link) holding a JSON
+    object whose "config" section names the run's "method"."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        obj = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return False
+    config = obj.get("config") if isinstance(obj, dict) else None
+    return isinstance(config, dict) and isinstance(config.get("method"), str) and bool(config["method"])
+
+
+def check_overwrite(out: Path, data_root: Path | None = None) -> None:
+    """``--overwrite`` empties ``out`` only if it is a run folder (an intact config.json written by ssl-bench) that is
+    neither the data root nor inside it nor above it, and not a symbolic link; otherwise one UserError, nothing deleted."""
+    given = Path(out)
+    if given.is_symlink():
+        raise UserError(f"--overwrite refuses {given}: it is a symbolic link (to {os.readlink(given)}), and emptying it "
+                        f"would delete the files it points to; pass the run folder itself")
+    out = given.resolve()
+    if data_root is not None:
+        root = Path(data_root).resolve()
+        where = ("is the data folder" if out == root else f"is inside the data folder {root}" if _within(out, root)
+                 else f"holds the data folder {root}" if _within(root, out) else None)
+        if where:
+            raise UserError(f"--overwrite refuses to empty {out}: it {where}; choose another --out")
+    if not is_run_config(out / "config.json"):
+        raise UserError(f"--overwrite refuses to empty {out}: it is not a run folder (no intact config.json written "
+                        f"by ssl-bench); choose another --out, or move its files away yourself")
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool, data_root: Path | None = None) -> FolderLock:
     """An existing run folder is only reused with --resume or replaced with --overwrite, and by one process at a time.
 
+    --overwrite replaces only a run folder, never the data (``data_root``), and never through a link
+    (:func:`check_overwrite`). Every entry a run writes must be the folder's own (:func:`require_run_entries`).
     Returns the folder's lock, held by the caller while it writes (``with prepare_run_dir(...):``).
     """
-    out = Path(out)
+    given = Path(out)
+    out = given.resolve()
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
     if out.exists() and not out.is_dir():
@@ -400,20 +530,28 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> FolderLock:
     if resume:
         if not (out / "config.json").is_file():
             raise UserError(f"nothing to resume: {out} has no config.json")
-        return lock_folder(out)
+        lock = lock_folder(out)
+        try:
+            require_run_entries(out)
+        except BaseException:
+            lock.release()
+            raise
+        return lock
     if out.exists() and _has_content(out):
         if not overwrite:
             refuse_if_locked(out)
             raise UserError(f"output folder {out} already exists; pass --resume to continue it or --overwrite to replace it")
+        check_overwrite(given, data_root)
         lock = lock_folder(out)  # never empties a folder that a live process is writing
         try:
+            check_overwrite(given, data_root)  # as it is now that we hold it
             for p in out.iterdir():
                 if p.name == LOCK_NAME:
                     continue
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p)
                 else:
-                    p.unlink()
+                    p.unlink()  # a link itself, never what it points to
         except BaseException:
             lock.release()
             raise

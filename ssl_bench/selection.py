@@ -1,6 +1,6 @@
 """Which checkpoint a protocol selects, on which cases, and how the trainer labels and logs it.
 
-- ``honest``: no selection; the last weights of every stage (METHODS.md Decision 2).
+- ``honest``: no selection; the last weights of every stage (docs/methods.md Decision 2).
 - ``literature``: best-on-TEST where the reference does it (``Stage.literature_selection``: first
   iteration, interval), in the stages that do it (§2.4).
 - ``val``: best on the validation cases (the last K of train.list, ``Split.val``), every

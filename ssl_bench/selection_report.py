@@ -1,4 +1,4 @@
-"""The report's protocol comparison: what checkpoint selection is worth (METHODS.md Decisions 2, 8, 9).
+"""The report's protocol comparison: what checkpoint selection is worth (docs/methods.md Decisions 2, 8, 9).
 
 Two tables per precision, both in each method's own post-processing (the main table's LCC column):
 

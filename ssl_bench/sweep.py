@@ -28,6 +28,7 @@ Tune's own retries. Without ``--resume`` the sweep refuses to touch incomplete r
 from __future__ import annotations
 
 import datetime as _dt
+import fnmatch
 import os
 import platform
 import time
@@ -39,7 +40,7 @@ import click
 
 from .errors import UserError
 from .experiments import Cell, load_experiment, same_run, wave_index
-from .runs import atomic_write_json, lock_folder, read_json
+from .runs import atomic_write_json, lock_folder, open_append, read_json, require_regular
 
 ATTEMPT = "attempt "
 ERROR = "error: "
@@ -49,6 +50,7 @@ SWEEP_START = "== sweep "
 def lock_sweeps(runs_dir: Path):
     """The one-sweep lock of a runs folder (a live sweep holding it: one-line UserError)."""
     folder = Path(runs_dir) / "_sweeps"
+    require_regular(folder, folder=True)  # a link would put the lock and the sweep's state elsewhere
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -72,8 +74,22 @@ def cell_config(cell: Cell, runs_dir: Path, gpus_per_trial: float, dataset_defau
 
 
 def classify(cells: list[Cell], runs_dir: Path, gpus_per_trial: float, resume: bool,
-             dataset_defaults: dict | None = None):
-    """Split the plan into (to run, already complete); refuse stale or unresumable folders."""
+             dataset_defaults: dict | None = None, data=None):
+    """Split the plan into (to run, already complete); refuse stale or unresumable folders, and (given the data,
+    an LAData) folders whose recorded split differs from what its train.list and test.list give now."""
+    from .data import check_split
+
+    def same_split(out: Path, stored: dict) -> bool:
+        if data is None:
+            return True
+        try:
+            check_split(stored, data, f"{out} (config.json)", "restore train.list and test.list, or move the folder "
+                        "away or use another --runs-dir")
+        except UserError as exc:
+            problems.append(str(exc))
+            return False
+        return True
+
     todo, complete, problems, incomplete = [], [], [], []
     for cell in cells:
         out = cell.run_dir(runs_dir)
@@ -83,10 +99,11 @@ def classify(cells: list[Cell], runs_dir: Path, gpus_per_trial: float, resume: b
             if not stored_path.is_file():
                 problems.append(f"{out} has summary.json but no config.json")
                 continue
-            diff = same_run(read_json(stored_path)["config"], wanted)
+            stored = read_json(stored_path)
+            diff = same_run(stored["config"], wanted)
             if diff:
                 problems.append(f"{out} is not this cell ({diff}); move it away or use another --runs-dir")
-            else:
+            elif same_split(out, stored):
                 complete.append(cell)
             continue
         if stored_path.is_file():
@@ -95,11 +112,14 @@ def classify(cells: list[Cell], runs_dir: Path, gpus_per_trial: float, resume: b
                 continue
             from .precision import with_precision
 
-            stored = with_precision(read_json(stored_path)["config"])  # precision inferred for an older folder
+            whole = read_json(stored_path)
+            stored = with_precision(whole["config"])  # precision inferred for an older folder
             diff = [k for k in wanted if k != "device" and stored.get(k) != wanted[k]]  # as the trainer's resume
             if diff:
                 k = diff[0]
                 problems.append(f"cannot resume {out}: setting {k!r} was {stored.get(k)!r}, now {wanted[k]!r}")
+                continue
+            if not same_split(out, whole):
                 continue
         todo.append(cell)
     if problems:
@@ -135,7 +155,7 @@ def limit_gpu_memory(fraction: float | None) -> float | None:
 def _log(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().isoformat(timespec="seconds")
-    with open(path, "a") as f:
+    with open_append(path) as f:
         f.write(f"{stamp} {text}\n")
 
 
@@ -248,10 +268,26 @@ def _dataset_defaults(data_dir, dry_run: bool) -> dict:
         raise
 
 
+def select_cells(cells: list[Cell], only) -> list[Cell]:
+    """The planned cells whose ID matches a glob of ``only`` (all when empty), with the providers they reuse."""
+    if not only:
+        return cells
+    by_id = {c.id: c for c in cells}
+    keep = {c.id for c in cells if any(fnmatch.fnmatchcase(c.id, pattern) for pattern in only)}
+    if not keep:
+        raise UserError(f"--only {' '.join(only)} matches no cell of the experiment (see --dry-run for the IDs)")
+    for cid in list(keep):
+        while by_id[cid].teacher in by_id and by_id[cid].teacher not in keep:
+            cid = by_id[cid].teacher
+            keep.add(cid)
+    return [c for c in cells if c.id in keep]
+
+
 def run_sweep(experiment, data_dir=None, runs_dir="runs", gpus_per_trial: float = 0.0, cpus_per_trial: int = 1,
               max_concurrent: int | None = None, address: str | None = None, resume: bool = False,
-              max_failures: int = 2, dry_run: bool = False, echo=click.echo) -> dict:
-    """Run every missing cell of ``experiment``; returns the status written to status.json."""
+              max_failures: int = 2, dry_run: bool = False, echo=click.echo, only: tuple[str, ...] = ()) -> dict:
+    """Run every missing cell of ``experiment`` (``only``: the cells whose ID matches one of these glob patterns,
+    and the stage-1 providers they need); returns the status written to status.json."""
     from .data import LAData
 
     if not 0 <= gpus_per_trial <= 1:
@@ -267,9 +303,10 @@ def run_sweep(experiment, data_dir=None, runs_dir="runs", gpus_per_trial: float 
     # one sweep per runs folder at a time (two would train the same cells into the same folders); the lock
     # lives in <runs-dir>/_sweeps/.lock and is dropped by the operating system if this driver dies
     with (nullcontext() if dry_run else lock_sweeps(runs_dir)):
-        cells = exp.plan()
+        cells = select_cells(exp.plan(), only)
         defaults = _dataset_defaults(data_dir, dry_run)
-        todo, complete = classify(cells, runs_dir, gpus_per_trial, resume, defaults)
+        todo, complete = classify(cells, runs_dir, gpus_per_trial, resume, defaults,
+                                  None if dry_run else LAData(data_dir))
         n_implicit = sum(c.implicit for c in cells)
         echo(f"sweep {exp.name}: {len(cells)} cells ({n_implicit} stage-1 providers added), "
              f"{len(complete)} complete, {len(todo)} to run; runs in {runs_dir}")
@@ -377,8 +414,10 @@ def _run_waves(name, todo, cells, status, runs_dir, state_dir, data_root, gpus, 
               help="where the run folders live (one per cell ID; shared between experiments)")
 @click.option("--max-failures", type=int, default=2, show_default=True, help="retries of a crashing trial")
 @click.option("--dry-run", is_flag=True, help="print the plan (cells, states, stage-1 providers) and stop")
+@click.option("--only", multiple=True, metavar="GLOB",
+              help="run only the cells whose ID matches (repeatable, e.g. 'vnet-L8-*'), with the stage-1 cells they reuse")
 def sweep_command(experiment, data_dir, gpus_per_trial, cpus_per_trial, max_concurrent, address, resume, runs_dir,
-                  max_failures, dry_run):
+                  max_failures, dry_run, only):
     """Train every cell of EXPERIMENT (a name in experiments/ or a .toml path) as Ray Tune trials."""
     run_sweep(experiment, data_dir, runs_dir, gpus_per_trial, cpus_per_trial, max_concurrent, address, resume,
-              max_failures, dry_run)
+              max_failures, dry_run, only=tuple(only))

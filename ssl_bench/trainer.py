@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .data import LAData, TrainStream
+from .data import LAData, TrainStream, check_split
 from .prefetch import PrefetchStream
 from .errors import Interrupted, UserError
 from .experiments import ADDED_DEFAULTS
@@ -42,7 +42,8 @@ from .precision import make_scalers as _make_scalers, numerics as _numerics
 from .progress import Progress
 from . import selection as _selection
 from .runs import (LAST, PREVIOUS, DamagedFileError, atomic_torch_save, atomic_write_json, atomic_write_text,
-                   load_torch, lock_folder, prepare_run_dir, provenance, read_json, save_checkpoint)
+                   load_torch, lock_folder, open_append, prepare_run_dir, provenance, read_json,
+                   require_run_entries, save_checkpoint)
 
 PROTOCOLS = ("honest", "literature", "val")  # ssl_bench/selection.py: what each selects
 UNITS = ("voxel", "mm")
@@ -54,6 +55,8 @@ class RunConfig:
     labeled: int = 8
     seed: int = 1337
     iterations: int | None = None  # None: each stage's own default; otherwise applied to every stage
+    #: Decision 10: every constant a method counts in iterations follows it (lengths, lr steps, ramps, selection)
+    schedule_scale: float = 1.0
     patch: tuple[int, int, int] = (112, 112, 80)
     n_filters: int = 16
     device: str = "auto"
@@ -71,6 +74,8 @@ class RunConfig:
     precision: str = DEFAULT_PRECISION  # PRECISIONS; part of what defines a run (Decision 7)
     fast: bool = True  # CUDA fast-path switches besides precision: data on the GPU, channels_last_3d, cudnn.benchmark
     teacher: str | None = None  # a run folder whose stage 1 is reused instead of trained (multi-stage methods)
+    #: what was asked for when it differs from ``precision`` (bf16 on a CPU without bf16: fp32, said on stderr)
+    requested_precision: str | None = None
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -88,6 +93,10 @@ class RunConfig:
             raise UserError(f"--selection-every must be at least 1, got {self.selection_every}")
         if self.iterations is not None and self.iterations < 1:
             raise UserError(f"--iterations must be at least 1, got {self.iterations}")
+        if isinstance(self.schedule_scale, bool) or not isinstance(self.schedule_scale, (int, float)) \
+                or not 0.001 <= self.schedule_scale <= 10:
+            raise UserError(f"--schedule-scale must be a number from 0.001 to 10, got {self.schedule_scale!r}")
+        self.schedule_scale = float(self.schedule_scale)
         if len(self.patch) != 3 or any(p < 16 or p % 16 for p in self.patch):
             raise UserError(f"--patch needs three sizes, each a multiple of 16 (the V-Net halves 4 times), got {self.patch}")
         if self.n_filters < 1:
@@ -119,6 +128,9 @@ class RunConfig:
         return cls(**d)
 
 
+#: the CPU track's schedule scale s (docs: the CPU track, Decision 10): chosen so the one-seed Table 1 grid fits 4 hours
+CPU_SCHEDULE_SCALE = 0.04
+
 PROFILES = {
     "paper": {},
     # tiny preset: finishes on 2 CPU cores in well under a minute on the real data
@@ -127,6 +139,12 @@ PROFILES = {
     # the README's main job on the built-in demo data: a few minutes on 2 CPU cores
     "demo": {"patch": (48, 48, 32), "n_filters": 4, "iterations": 200, "checkpoint_every": 100, "log_every": 10,
              "eval_stride_xy": 24, "eval_stride_z": 12, "selection_every": 50},
+    # the CPU track (docs/methods.md Decision 10; experiments/cpu.toml): on `ssl-bench data derive --zoom 0.5` data, whose
+    # record sets the patch (64,64,32) and strides; every method's schedule scaled by one factor, fp32 (measured)
+    # sliding window at half-patch strides (32/16 on the 64×64×32 patch: 8 windows a case instead of the 56 of the
+    # paper's strides × 0.5), since the val protocol evaluates 8 cases at every selection point
+    "cpu": {"n_filters": 8, "schedule_scale": CPU_SCHEDULE_SCALE, "precision": "fp32", "eval_stride_xy": 32,
+            "eval_stride_z": 16, "checkpoint_every": 50, "log_every": 10},
 }
 
 
@@ -223,7 +241,8 @@ class Trainer:
         self.eval_settings = EvalSettings(patch=cfg.patch, stride_xy=cfg.eval_stride_xy, stride_z=cfg.eval_stride_z,
                                           precision=cfg.precision, empty_policy=cfg.empty_policy, units=cfg.units)
         self.ctx = StageContext(labeled=cfg.labeled, patch=tuple(cfg.patch), n_filters=cfg.n_filters,
-                                iterations=cfg.iterations, options=dict(cfg.options))
+                                iterations=cfg.iterations, options=dict(cfg.options),
+                                schedule_scale=cfg.schedule_scale)
         known = {name for cls in self.spec.stages for name in cls.known_options}
         unknown = sorted(set(cfg.options) - known)
         if unknown:
@@ -234,7 +253,15 @@ class Trainer:
 
     # -- folder ---------------------------------------------------------------------------
     def stage_iterations(self, k: int) -> int:
-        return self.cfg.iterations if self.cfg.iterations is not None else self.stages[k].iterations
+        return self.stages[k].run_iterations()
+
+    def selection_rule(self, stage) -> tuple[tuple[int, int] | None, int]:
+        """(first iteration, reference interval) of the stage's selection under the run's protocol, or None,
+        and the interval used: both scaled (Decision 10) unless --selection-every sets the interval."""
+        selection = _selection.rule(self.cfg.protocol, stage.literature_selection)
+        if selection is not None:
+            selection = (stage.scaled(selection[0]) if selection[0] else 0, stage.scaled(selection[1]))
+        return selection, self.cfg.selection_every or (selection[1] if selection else stage.scaled(200))
 
     def describe(self) -> dict:
         stages = []
@@ -242,7 +269,8 @@ class Trainer:
             stages.append({"stage": type(st).__name__, "iterations": self.stage_iterations(k),
                            "batch_labeled": st.batch_labeled, "batch_unlabeled": st.batch_unlabeled,
                            "base_lr": st.base_lr, "phases": list(st.phases), "paper_lcc": st.paper_lcc,
-                           "literature_selection": st.literature_selection})
+                           "literature_selection": st.literature_selection,
+                           **({"scaled_selection": self.selection_rule(st)[0]} if self.cfg.schedule_scale != 1.0 else {})})
         return {"name": self.spec.name, "summary": self.spec.summary, "stages": stages}
 
     def used_ids(self) -> list[str]:
@@ -296,6 +324,8 @@ class Trainer:
         if diff:
             k = diff[0]
             raise UserError(f"cannot resume {self.out}: setting {k!r} was {stored.get(k)!r}, now {mine[k]!r}")
+        check_split(config, self.data, f"{self.out} (config.json)", "resume with --data pointing at the lists it was "
+                    "trained on, or restore train.list and test.list")
         self.check_data((config.get("data") or {}).get("sha256"), self.used_ids(), f"{self.out.name} was trained on",
                         "resume with --data pointing at the data it was trained on")
 
@@ -383,6 +413,8 @@ class Trainer:
             mine = self.cfg.to_json()[key]
             if theirs.get(key) != mine:
                 raise UserError(f"--teacher {run_dir}: its {key} is {theirs.get(key)!r}, this run's is {mine!r}")
+        check_split(config, self.data, f"--teacher {run_dir}", "pass --data with the lists the teacher was trained "
+                    "on, or retrain the teacher")
         self.check_data((config.get("data") or {}).get("sha256"), self.used_ids(), f"--teacher {run_dir} was trained on",
                         "pass --data with the data the teacher was trained on, or retrain the teacher")
         self._teacher = handed
@@ -477,8 +509,7 @@ class Trainer:
         stream = PrefetchStream(self.make_stream(k, stage), getattr(stage, "host_targets", None), enabled=self.prefetch)
         iters = self.stage_iterations(k)
         protocol = self.cfg.protocol
-        selection = _selection.rule(protocol, stage.literature_selection)
-        sel_every = self.cfg.selection_every or (selection[1] if selection else 200)
+        selection, sel_every = self.selection_rule(stage)
         sel_key, sel_label = _selection.LOG_KEY.get(protocol), _selection.LABEL.get(protocol)
         best = {"dice": None, "iteration": None}
         start, elapsed_before = 0, 0.0
@@ -507,7 +538,7 @@ class Trainer:
         log_path = self.out / "log.jsonl"
         t0 = time.perf_counter()
         t_last, it_last = t0, start
-        with _StopRequest() as stop, open(log_path, "a") as log, stream:  # `stream`: ends the prefetch thread
+        with _StopRequest() as stop, open_append(log_path) as log, stream:  # `stream`: ends the prefetch thread
             for it0 in range(start, iters):
                 batch = stream.next()
                 if self.cuda_fast:
@@ -673,14 +704,16 @@ def run_training(cfg: RunConfig, out: Path, data_dir=None, resume: bool = False,
                  progress: bool = True, stop_at=None) -> dict:
     """Validate everything that can be checked cheaply BEFORE touching the output folder, then train."""
     data = LAData(data_dir)
-    out = Path(out).resolve()
+    given = Path(out)  # unresolved: --overwrite refuses a symbolic link
+    out = given.resolve()
     trainer = Trainer(cfg, out, data, progress=progress)  # method, options, split, device: checked, nothing written
     data.check(trainer.split.labeled + trainer.split.unlabeled + trainer.split.test)
     if cfg.units == "mm":
         data.require_spacing(trainer.test_ids)
     if cfg.teacher and not (resume and (out / "stages" / "stage1.pt").is_file()):
         trainer.teacher_stage1()  # its method, settings, data and file, before this run writes anything
-    with prepare_run_dir(out, resume=resume, overwrite=overwrite):  # holds the folder's one-writer lock
+    # holds the folder's one-writer lock; --overwrite empties only a run folder, never the data
+    with prepare_run_dir(given, resume=resume, overwrite=overwrite, data_root=data.root):
         return trainer.run(resume=resume, stop_at=stop_at)
 
 
@@ -706,6 +739,8 @@ def load_run(run_dir: Path, data_dir=None, device: str | None = None, progress: 
     last = len(trainer.stages)
     if not (run_dir / "stages" / f"stage{last}.pt").is_file():
         raise UserError(f"{run_dir} has no trained model yet (stages/stage{last}.pt); finish it with --resume")
+    check_split(stored, data, f"{run_dir} (config.json)", "pass --data with the lists the run was evaluated on, or "
+                "restore test.list and train.list")
     trainer.check_data(recorded.get("sha256"), trainer.test_ids, f"{run_dir.name} was evaluated on",
                        "pass --data with the data the run was trained on")
     for name in (f"stage{last}.pt", f"stage{last}_last.pt"):  # unsafe or damaged: refused before anything is written
@@ -722,4 +757,5 @@ def evaluate_run(run_dir: Path, data_dir=None, device: str | None = None, progre
     if not (run_dir / "config.json").is_file():
         raise UserError(f"missing file: {run_dir / 'config.json'} (is {run_dir} a run folder?)")
     with lock_folder(run_dir):
+        require_run_entries(run_dir)  # eval rewrites summary.json and the CSVs: never through a link
         return load_run(run_dir, data_dir, device, progress=progress).evaluate()

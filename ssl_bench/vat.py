@@ -1,4 +1,4 @@
-"""Virtual adversarial training (VAT), the one implementation of the harness (METHODS.md §3.5 item 6).
+"""Virtual adversarial training (VAT), the one implementation of the harness (docs/methods.md §3.5 item 6).
 
 SS-Net's smoothness term (its ``VAT3d``) in the general form of Miyato et al.'s VAT:
 
@@ -18,7 +18,7 @@ running mean/var and ``num_batches_tracked`` unchanged. The target forward of st
 block, as in the reference, so in train mode it updates the running statistics once; pass ``target``
 to skip that forward.
 
-Precision (METHODS.md Decision 7): with ``full_precision=True`` (the default) every VAT forward — the
+Precision (docs/methods.md Decision 7): with ``full_precision=True`` (the default) every VAT forward — the
 target, the power iteration and the perturbed one — runs in float32 with autocast switched off, whatever
 precision the run trains in. Under bf16/fp16 autocast a convolution casts its input to the low
 precision, and an ε = 10 unit-norm perturbation of a 112×112×80 crop is about 0.009 per voxel, near

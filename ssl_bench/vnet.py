@@ -1,4 +1,4 @@
-"""The simplified UA-MT "V-Net" shared by every method (METHODS.md §1.5).
+"""The simplified UA-MT "V-Net" shared by every method (docs/methods.md §1.5).
 
 This is not Milletari's original V-Net: no 5x5x5 convolutions, no PReLU, no residual
 blocks. Every conv stage is Conv3d(3x3x3, pad 1, bias) -> BatchNorm3d -> ReLU;
@@ -92,7 +92,7 @@ def _selector(width: int = 32) -> nn.Sequential:
 
 
 class VNet(nn.Module):
-    """UA-MT simplified V-Net (METHODS.md §1.5).
+    """UA-MT simplified V-Net (docs/methods.md §1.5).
 
     Args:
         in_channels: input image channels (1 for LA MRI).

@@ -1,4 +1,4 @@
-"""BCP (METHODS.md §3.6): cuboid copy-paste wiring, mix_loss weights, schedules, end to end and resume."""
+"""BCP (docs/methods.md §3.6): cuboid copy-paste wiring, mix_loss weights, schedules, end to end and resume."""
 import json
 import math
 from pathlib import Path

@@ -1,7 +1,7 @@
 """The CUDA-path items of issue 15, checked on CPU: padded window batches, the run's backend flags in
 `eval` and `occlusion`, the foreach EMA, SS-Net's host synchronisations, Ray trials' GPU memory caps.
 
-Expected values are written out here (window counts from METHODS.md §2.1, TF32/cuDNN flags from
+Expected values are written out here (window counts from docs/methods.md §2.1, TF32/cuDNN flags from
 Decision 7, the EMA as today's per-parameter formula), never taken from the code's own helpers.
 """
 import csv

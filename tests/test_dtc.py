@@ -1,4 +1,4 @@
-"""DTC (METHODS.md §3.4): the SDM→mask transform, the loss composition, the heads, and a smoke run."""
+"""DTC (docs/methods.md §3.4): the SDM→mask transform, the loss composition, the heads, and a smoke run."""
 import json
 import math
 

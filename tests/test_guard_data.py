@@ -1,4 +1,4 @@
-"""Guards for the data pipeline (METHODS.md §1.2-§1.4): these tests fail when the science breaks.
+"""Guards for the data pipeline (docs/methods.md §1.2-§1.4): these tests fail when the science breaks.
 
 Every expectation here is computed independently of ssl_bench.data:
 - volumes whose intensities encode their own coordinates (0 is reserved for padding) and labels
@@ -55,7 +55,7 @@ def label_table(shape, seed: int) -> np.ndarray:
 
 
 def reference_augment(image: np.ndarray, label: np.ndarray, patch, rng: np.random.Generator):
-    """METHODS.md §1.3, written out in numpy: RandomRotFlip then RandomCrop, one shared rng."""
+    """docs/methods.md §1.3, written out in numpy: RandomRotFlip then RandomCrop, one shared rng."""
     k = int(rng.integers(0, 4))
     axis = int(rng.integers(0, 2))  # drawn after k
     image = np.flip(np.rot90(image, k, axes=(0, 1)), axis=axis)

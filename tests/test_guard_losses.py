@@ -1,4 +1,4 @@
-"""Guards: one step's loss total of every method equals METHODS.md's formula, computed independently here.
+"""Guards: one step's loss total of every method equals docs/methods.md's formula, computed independently here.
 
 For each method (§3.1-§3.7) one ``stage.losses(...)`` call runs on the stage's own networks (tiny: 16³
 patch, n_filters 2) and a hand-made batch, and its total is compared with the total assembled in this

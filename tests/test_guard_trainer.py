@@ -4,7 +4,7 @@ learning rate each step actually uses on both sides of a schedule step (also acr
 gradients that do not accumulate, and resume equal to an uninterrupted run for EVERY registered method
 (optimiser state incl. SASSNet's Adam, RNG, SS-Net's memory bank).
 
-Expected values are written out here from METHODS.md (EMA §3.2 item 8 and §3.6; schedules §1.8,
+Expected values are written out here from docs/methods.md (EMA §3.2 item 8 and §3.6; schedules §1.8,
 §3.6, §3.7.2 item 7, §3.7.3 item 8; SASSNet's Adam §3.3), never taken from the code's helpers.
 Data: a tiny hand-made LA-layout set (24×24×20 volumes, patch 16³, n_filters 2); torch runs on one
 thread here (this 2-core machine is shared; comparisons are within one thread count).
@@ -236,7 +236,7 @@ def test_omf_schedules_on_both_sides_of_their_step(tiny_root, tmp_path, name, st
 
 # ------------------------------------------------------------------ every method: steps, lr, resume
 
-#: METHODS.md schedules, lr after `done` completed iterations, and base lrs (§1.8, §3.6, §3.7.2, §3.7.3)
+#: docs/methods.md schedules, lr after `done` completed iterations, and base lrs (§1.8, §3.6, §3.7.2, §3.7.3)
 SPEC_LR = {
     "default": lambda base, done: base * 0.1 ** (done // 2500),
     "BCPStage1": lambda base, done: base,

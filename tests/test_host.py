@@ -2,7 +2,7 @@
 augmentation, background prefetch, and the host-ms benchmark helper.
 
 Every expected value is computed here independently: SDF targets from scipy's EDT and an erosion-based inner
-boundary (the METHODS.md §1.6 definition), LCC from scipy.ndimage.label with the lowest-label tie rule,
+boundary (the docs/methods.md §1.6 definition), LCC from scipy.ndimage.label with the lowest-label tie rule,
 batches from the torch augmentation path and the plain (un-prefetched) stream.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ CPU = torch.device("cpu")
 # ------------------------------------------------------------------ references written here
 
 def sdf_reference(labels: np.ndarray) -> np.ndarray:
-    """compute_sdf as METHODS.md §1.6 defines it, with scipy, float64; degenerate samples as documented."""
+    """compute_sdf as docs/methods.md §1.6 defines it, with scipy, float64; degenerate samples as documented."""
     out = np.zeros(labels.shape, np.float64)
     for b in range(labels.shape[0]):
         fg = labels[b] != 0

@@ -1,4 +1,4 @@
-"""Tests for the loss primitives, ramp-up and EMA (METHODS.md §1.6, §1.7, §3.2)."""
+"""Tests for the loss primitives, ramp-up and EMA (docs/methods.md §1.6, §1.7, §3.2)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""ssl_bench.mixing: BCP's cut cuboid, copy-paste / overlay, hard LCC pseudo-labels (METHODS.md §3.6, §3.7)."""
+"""ssl_bench.mixing: BCP's cut cuboid, copy-paste / overlay, hard LCC pseudo-labels (docs/methods.md §3.6, §3.7)."""
 import torch
 
 from ssl_bench.mixing import (cut_mask, cut_sides, draw_cut_origin, mix, overlay, overlay_label, pseudo_label,
@@ -53,7 +53,7 @@ def test_mix_selects_a_where_mask_is_one():
 
 
 def test_overlay_pastes_the_foreground_and_label_is_the_union():
-    # stage 1: A's atrium (y_A) pasted onto B; target = y_A ∨ y_B (METHODS.md §3.7.2 items 3-4)
+    # stage 1: A's atrium (y_A) pasted onto B; target = y_A ∨ y_B (docs/methods.md §3.7.2 items 3-4)
     a = torch.full((1, 1, 6, 6, 6), 10.0)
     b = torch.full((1, 1, 6, 6, 6), 20.0)
     y_a = torch.zeros(1, 6, 6, 6, dtype=torch.long)

@@ -1,4 +1,4 @@
-"""Occlusion robustness (METHODS.md §3.7.8, Decisions 5): boxes, seeding, ratio 0 = clean, outputs, bad input."""
+"""Occlusion robustness (docs/methods.md §3.7.8, Decisions 5): boxes, seeding, ratio 0 = clean, outputs, bad input."""
 import csv
 import hashlib
 import json

@@ -1,4 +1,4 @@
-"""OMF (METHODS.md §3.7) and its Table-2 variants: overlay orientation, frozen-teacher wiring, schedules,
+"""OMF (docs/methods.md §3.7) and its Table-2 variants: overlay orientation, frozen-teacher wiring, schedules,
 every registered name end to end on the real data, and stage-1 reuse through --teacher."""
 import json
 from contextlib import nullcontext

@@ -1,4 +1,4 @@
-"""Declared precision (METHODS.md Decision 7; issue 10 part 1): fp32 | tf32 | bf16 | fp16.
+"""Declared precision (docs/methods.md Decision 7; issue 10 part 1): fp32 | tf32 | bf16 | fp16.
 
 - SS-Net's VAT: the perturbation the network actually sees under bf16 autocast must have cosine
   >= 0.999 to the intended ε·d at a real crop size (it does not without the float32 VAT forwards);

@@ -1,4 +1,4 @@
-"""SASSNet (METHODS.md §3.3): discriminator, targets, phases, loss composition, λ, end to end."""
+"""SASSNet (docs/methods.md §3.3): discriminator, targets, phases, loss composition, λ, end to end."""
 import json
 import math
 from contextlib import nullcontext

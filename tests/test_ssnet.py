@@ -1,4 +1,4 @@
-"""SS-Net (METHODS.md §3.5): memory bank, class-separation loss, one full iteration, and a smoke run."""
+"""SS-Net (docs/methods.md §3.5): memory bank, class-separation loss, one full iteration, and a smoke run."""
 import copy
 import json
 import math
@@ -258,7 +258,7 @@ def _contrastive_by_hand(queries, memory, sel_feat, sel_mem, v_rule):
 
 
 def test_memory_weights_use_the_reference_arithmetic_one_over_s_times_s():
-    # METHODS.md §3.5 step 4: v = (1/s)·s as the code computes it, not s/s. The loss value cannot
+    # docs/methods.md §3.5 step 4: v = (1/s)·s as the code computes it, not s/s. The loss value cannot
     # tell them apart, but the float-noise gradient the memory selector receives can.
     g = torch.Generator().manual_seed(3)
     queries = torch.randn(40, 32, generator=g)

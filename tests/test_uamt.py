@@ -1,4 +1,4 @@
-"""UA-MT (METHODS.md §3.2): threshold, mask, entropy, consistency, EMA warm-up, teacher, end to end."""
+"""UA-MT (docs/methods.md §3.2): threshold, mask, entropy, consistency, EMA warm-up, teacher, end to end."""
 import json
 import math
 

@@ -1,4 +1,4 @@
-"""The `val` protocol (METHODS.md Decision 8, issue 12): selection on the last K cases of train.list.
+"""The `val` protocol (docs/methods.md Decision 8, issue 12): selection on the last K cases of train.list.
 
 - the split: the validation cases are the last K of train.list (on the real list too), inside the
   unlabeled pool, never labeled, never test; too many is one line, exit 2;

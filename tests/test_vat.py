@@ -1,4 +1,4 @@
-"""The shared VAT perturbation and loss (METHODS.md §3.5 item 6; ssl_bench/vat.py)."""
+"""The shared VAT perturbation and loss (docs/methods.md §3.5 item 6; ssl_bench/vat.py)."""
 import copy
 
 import pytest

@@ -1,0 +1,201 @@
+"""What the report adds for a reduced-scale track such as the CPU track (experiments/cpu.toml, Decision 10).
+
+- **Your runs beside the committed ones.** ``ssl-bench report cpu --runs-dir results/cpu/runs --runs-dir runs``:
+  the first folder holds the experiment's cells; every later one may also hold runs of other methods (a user's
+  own, trained with the experiment's profile and settings). Each such run folder becomes a cell of the report;
+  one whose settings differ from the experiment's is refused in one line, and a cell found in two folders too.
+- **Honest from val.** Under ``val`` the validation cases stay in the unlabeled pool, so a single-stage method
+  trains exactly what ``honest`` trains (tests/test_val_protocol.py). Where an experiment lists only the val
+  cell of a single-stage method, its honest row is that run's last weights (``summary.json`` "last",
+  ``metrics_per_case_last.csv``), labelled so.
+- **The ordering page.** The methods ranked by our Dice beside the rank order of the paper's Table 1
+  (Kendall's τ), with which differences from the reference method are significant (paired Wilcoxon). Only
+  ranks of the paper appear, never its numbers beside ours: the track is not the paper.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import published
+from .dataset_settings import run_defaults_from
+from .errors import UserError
+from .experiments import Cell, Experiment, same_run
+from .runs import read_json
+
+VAL_LAST_NOTE = "= last of val"
+VAL_LAST_TEXT = ("honest (= last of val): a single-stage method trains the same batches under val as under honest "
+                 "(the validation cases stay in the unlabeled pool), so these rows are the val runs' last weights, "
+                 "evaluated on the test set after training (summary.json \"last\"); no second run was trained.")
+#: the settings a user's run may differ in from the experiment's cells (what the cell ID is made of)
+CELL_AXES = ("method", "labeled", "seed", "protocol")
+
+
+def runs_dirs(runs_dir) -> list[Path]:
+    """One --runs-dir or several, resolved, in the order given."""
+    dirs = runs_dir if isinstance(runs_dir, (list, tuple)) else [runs_dir]
+    return [Path(d).resolve() for d in dirs]
+
+
+def folder_of(cell: Cell, dirs: list[Path]) -> Path | None:
+    """The one --runs-dir holding a finished run of ``cell`` (None: none); a cell in two of them is refused."""
+    found = [d for d in dirs if (cell.run_dir(d) / "summary.json").is_file()]
+    if len(found) > 1:
+        raise UserError(f"cell {cell.id} is in two --runs-dir folders ({found[0]} and {found[1]}); "
+                        "keep it in one of them")
+    return found[0] if found else None
+
+
+def with_user_runs(exp: Experiment, dirs: list[Path]) -> Experiment:
+    """The experiment plus a cell for every finished run folder in the second and later --runs-dir that is not
+    one of its cells, checked to have been trained with the experiment's settings."""
+    if len(dirs) < 2 or not exp.cells:
+        return exp
+    template = exp.cells[0]
+    planned = {c.id for c in exp.plan()}
+    precisions = {c.precision for c in exp.cells}
+    added: list[Cell] = []
+    for d in dirs[1:]:
+        if not d.is_dir():
+            raise UserError(f"--runs-dir {d} does not exist")
+        for folder in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+            if folder.name in planned or not (folder / "summary.json").is_file():
+                continue
+            added.append(_user_cell(folder, template, precisions, exp.name))
+    if not added:
+        return exp
+    return dataclasses.replace(exp, cells=list(exp.cells) + added)
+
+
+def _user_cell(folder: Path, template: Cell, precisions: set[str], name: str) -> Cell:
+    where = folder / "config.json"
+    if not where.is_file():
+        raise UserError(f"{folder} has summary.json but no config.json; move it out of the --runs-dir")
+    config = read_json(where)
+    stored = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(stored, dict) or any(k not in stored for k in CELL_AXES):
+        raise UserError(f"{where} is not a run's config (no {', '.join(CELL_AXES)}); move the folder away")
+    precision = stored.get("precision", template.precision)
+    if precision not in precisions:
+        raise UserError(f"{folder} is not a run of the {name} experiment (precision is {precision!r} there, the "
+                        f"experiment's is {', '.join(sorted(precisions))}); train it with the experiment's settings")
+    try:
+        cell = Cell(str(stored["method"]), int(stored["labeled"]), int(stored["seed"]), str(stored["protocol"]),
+                    template.profile, dict(template.overrides), precision=precision)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: method, labeled, seed or protocol has a wrong type; move the folder away") from None
+    imported = config.get("data", {}).get("imported") if isinstance(config.get("data"), dict) else None
+    diff = same_run(stored, cell.config(dataset_defaults=run_defaults_from(imported, where)).to_json())
+    if diff:
+        raise UserError(f"{folder} is not a run of the {name} experiment ({diff}); train it with "
+                        f"`--profile {template.profile}` on the experiment's data, or move it out of the --runs-dir")
+    if cell.id != folder.name:
+        raise UserError(f"{folder} holds the run {cell.id}; rename the folder to {cell.id} (the report finds runs by "
+                        "their cell ID)")
+    return cell
+
+
+def honest_from_val(runs, folders: dict[str, Path]) -> list | None:
+    """The honest view of val runs of a single-stage method (their last weights), or None where that is not the
+    same training (a multi-stage method hands a selected stage on) or a run lacks its last-weights evaluation."""
+    derived = []
+    for run in runs:
+        stages = (run.config.get("method") or {}).get("stages") or []
+        last = run.summary.get("last") or {}
+        folder = folders.get(run.cell.id)
+        if len(stages) != 1 or "metrics" not in last or folder is None:
+            return None
+        csv = folder / "metrics_per_case_last.csv"
+        if not csv.is_file():
+            return None
+        try:
+            per_case = pd.read_csv(csv)
+        except (OSError, ValueError, pd.errors.ParserError) as exc:
+            raise UserError(f"{csv} is damaged ({type(exc).__name__}); re-evaluate with `ssl-bench eval {folder}`") from None
+        summary = {**run.summary, "protocol": "honest", "metrics": last["metrics"],
+                   "checkpoint": last.get("checkpoint")}
+        derived.append(dataclasses.replace(run, summary=summary, per_case=per_case))
+    return derived or None
+
+
+def ordering_frame(rows, tests: pd.DataFrame, table: str, alpha: float = 0.05) -> pd.DataFrame:
+    """Per protocol and labeled count: each method's rank by our mean Dice (own post-processing) and by the
+    paper's ``table``, and the paired Wilcoxon p-value against the reference method."""
+    from .report import metric_stats
+
+    recs = []
+    for row in rows:
+        stats = metric_stats(row, row.post, "dice") if row.runs else None
+        fig = published.paper_figure(table, row.method, row.labeled)
+        if stats is None or fig is None or fig.dice is None:
+            continue
+        p = None
+        if not tests.empty:
+            hit = tests[(tests["protocol"] == row.protocol) & (tests["labeled"] == row.labeled)
+                        & (tests["method"] == row.method) & (tests["post"] == "own")
+                        & (tests["precision"] == row.precision)]
+            if len(hit) and hit.iloc[0]["reference"] != row.method and hit.iloc[0]["p_value"] is not None:
+                p = float(hit.iloc[0]["p_value"])
+        recs.append({"protocol": row.protocol, "precision": row.precision, "labeled": row.labeled,
+                     "method": row.method, "seeds": len(row.runs), "dice": stats[0], "paper_dice": fig.dice,
+                     "p_vs_reference": p, "significant": p is not None and p < alpha})
+    df = pd.DataFrame.from_records(recs)
+    if df.empty:
+        return df
+    keys = ["protocol", "precision", "labeled"]
+    df["rank"] = df.groupby(keys)["dice"].rank(ascending=False, method="min").astype(int)
+    df["paper_rank"] = df.groupby(keys)["paper_dice"].rank(ascending=False, method="min").astype(int)
+    return df.sort_values(keys + ["rank"]).reset_index(drop=True)
+
+
+def ordering_markdown(df: pd.DataFrame, table: str, reference: str | None) -> str:
+    from scipy.stats import kendalltau
+
+    from .report import markdown_table
+
+    ref = published.display_name(reference or "-", table)
+    out = [f"\n## Method ordering beside the paper's {table.replace('table', 'Table ')}\n\n"
+           "Ranks only: the paper's numbers come from its full-scale protocol and are not comparable with this "
+           f"reduced-scale track. τ: Kendall's rank correlation between our order and the paper's. Significant: "
+           f"the paired Wilcoxon test against {ref} (per-case Dice, own post-processing) at p < 0.05.\n"]
+    if df.empty:
+        return "".join(out) + "\nNo finished run of a method the paper's table has.\n"
+    for (protocol, precision, labeled), sub in df.groupby(["protocol", "precision", "labeled"], sort=False):
+        if len(sub) >= 2:
+            with np.errstate(all="ignore"):
+                res = kendalltau(sub["rank"], sub["paper_rank"])
+            tau = f"τ = {res.statistic:.2f} (p = {res.pvalue:.3f}, {len(sub)} methods)"
+        else:
+            tau = "τ: needs two methods"
+        body = [[published.display_name(r.method, table), str(r.seeds), f"{r.dice * 100:.2f}", str(r.rank),
+                 str(r.paper_rank),
+                 "reference" if r.method == reference else
+                 ("-" if r.p_vs_reference is None else f"{r.p_vs_reference:.3g}{' *' if r.significant else ''}")]
+                for r in sub.itertuples()]
+        out += [f"\n### {labeled} labeled · {protocol} · {precision}: {tau}\n\n",
+                markdown_table(["Method", "Seeds", "Our Dice (%)", "Our rank", "Paper rank", f"p vs {ref}"], body)]
+    return "".join(out)
+
+
+def budget_markdown(rows) -> str:
+    """Measured wall time of the finished cells: per cell and in all (a reused stage 1 counted where it ran)."""
+    seen, total, lines = set(), 0.0, []
+    for row in rows:
+        for run in row.runs:
+            if run.cell.id in seen:
+                continue
+            seen.add(run.cell.id)
+            timings = run.summary.get("timings", {})
+            seconds = sum(v.get("train_s", 0.0) for k, v in timings.items() if k.startswith("stage"))
+            seconds += timings.get("eval", {}).get("inference_s", 0.0) + timings.get("eval", {}).get("metrics_s", 0.0)
+            total += seconds / 60
+            lines.append((run.cell.id, seconds / 60))
+    if not lines:
+        return ""
+    body = "".join(f"| {cid} | {m:.1f} |\n" for cid, m in sorted(lines))
+    return ("\n## Measured time\n\nTraining + evaluation wall time of each finished run, as recorded in its "
+            f"summary.json (a stage 1 reused from another run counts there, once). In all: {total:.0f} min "
+            f"({total / 60:.2f} h) for {len(lines)} runs.\n\n| Run | Minutes |\n|---|---|\n" + body)

@@ -1,0 +1,62 @@
+"""The CPU track's wiring: the experiment file, `sweep --only`, and the bf16 fallback on CPUs without bf16."""
+import json
+
+import pytest
+
+from ssl_bench.cli import main
+from ssl_bench.experiments import load_experiment
+from ssl_bench.sweep import select_cells
+from ssl_bench.testing import make_tiny_la
+
+
+def test_the_cpu_experiment_declares_the_grid():
+    exp = load_experiment("cpu")
+    assert {c.profile for c in exp.cells} == {"cpu"} and {c.precision for c in exp.cells} == {"fp32"}
+    ids = {c.id for c in exp.cells}
+    # Table 1 at 8 and 16 labels, one seed; single-stage methods by their val run (honest = its last weights)
+    for m in ("vnet", "uamt", "sassnet", "dtc", "ssnet"):
+        for n in (8, 16):
+            assert f"{m}-L{n}-s1337-val-cpu-fp32" in ids
+    for m in ("bcp", "omf"):
+        for n in (8, 16):
+            assert {f"{m}-L{n}-s1337-honest-cpu-fp32", f"{m}-L{n}-s1337-val-cpu-fp32"} <= ids
+    assert "vnet-L80-s1337-honest-cpu-fp32" in ids
+    for m in ("omf-s1", "omf-s1-orgloss", "omf-s1-s2"):  # Table 2
+        assert f"{m}-L8-s1337-val-cpu-fp32" in ids
+    for m in ("vnet", "uamt", "bcp", "omf"):  # 3 seeds at 8 labels
+        assert all(f"{m}-L8-s{s}-val-cpu-fp32" in ids for s in (1337, 1338, 1339))
+    assert exp.order_against == "table1" and exp.paper is None and exp.occlusion is not None
+
+
+def test_sweep_only_selects_cells_and_the_stage1_they_reuse():
+    plan = load_experiment("cpu").plan()
+    got = [c.id for c in select_cells(plan, ("omf-L16-*",))]
+    assert sorted(got) == sorted(["omf-s1-orgloss-L16-s1337-honest-cpu-fp32", "omf-s1-orgloss-L16-s1337-val-cpu-fp32",
+                                  "omf-L16-s1337-honest-cpu-fp32", "omf-L16-s1337-val-cpu-fp32"])
+    assert select_cells(plan, ()) == plan
+    from ssl_bench.errors import UserError
+
+    with pytest.raises(UserError, match="matches no cell"):
+        select_cells(plan, ("nothing-*",))
+
+
+def test_sweep_only_dry_run(capsys):
+    assert main(["sweep", "cpu", "--dry-run", "--only", "vnet-L8-s1337-*", "--runs-dir", "/nonexistent/runs"]) == 0
+    out = capsys.readouterr().out
+    assert "1 cells" in out and "vnet-L8-s1337-val-cpu-fp32" in out and "uamt" not in out
+
+
+def test_bf16_on_a_cpu_without_bf16_falls_back_to_fp32_in_one_line(tmp_path, monkeypatch, capsys):
+    import ssl_bench.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_supported", lambda: False)
+    data = make_tiny_la(tmp_path / "LA", n_train=6, n_test=1)
+    out = tmp_path / "run"
+    code = main(["run", "--method", "vnet", "--labeled", "4", "--data", str(data), "--profile", "smoke", "--device", "cpu",
+                 "--patch", "16,16,16", "--iterations", "2", "--precision", "bf16", "--out", str(out), "--quiet"])
+    assert code == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "bf16" in ln]
+    assert len(err) == 1 and "no bf16 instructions" in err[0] and "fp32 instead" in err[0]
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["precision"] == "fp32" and config["config"]["requested_precision"] == "bf16"
+    assert config["numerics"]["autocast"] is None

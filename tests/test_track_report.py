@@ -1,0 +1,197 @@
+"""The report for a reduced-scale track (ssl_bench/track_report.py), on hand-made run folders with known numbers:
+honest rows from a single-stage method's val run, your own runs beside the committed ones (several --runs-dir,
+settings checked), the method-ordering page (Kendall's τ beside the paper's Table 1 order)."""
+import json
+
+import pandas as pd
+import pytest
+
+from ssl_bench.cli import main
+from ssl_bench.experiments import Cell, load_experiment
+
+CASES = [f"C{i:02d}" for i in range(6)]
+
+EXPERIMENT = """
+title = "track"
+description = "Reduced scale; not comparable with published numbers."
+profile = "cpu"
+precision = "fp32"
+seeds = [1]
+protocols = ["val"]
+compare_to = "bcp"
+order_against = "table1"
+
+[[grid]]
+methods = ["vnet", "uamt"]
+labeled = [8]
+
+[[grid]]
+methods = ["bcp"]
+labeled = [8]
+protocols = ["honest", "val"]
+"""
+
+
+def _metrics(dice: list[float]) -> dict:
+    m = sum(dice) / len(dice)
+    return {"n_cases": len(dice), "n_empty": 0, "dice": m, "dice_std": 0.0, "jaccard": m - 0.1, "jaccard_std": 0.0,
+            "hd95": 5.0, "hd95_std": 0.0, "asd": 1.0, "asd_std": 0.0}
+
+
+def _csv(dice: list[float]) -> str:
+    rows = ["case,post,dice,jaccard,hd95,asd,empty"]
+    for post in ("raw", "lcc"):
+        rows += [f"{c},{post},{d},{d - 0.1},5.0,1.0,False" for c, d in zip(CASES, dice)]
+    return "\n".join(rows) + "\n"
+
+
+#: what `ssl-bench data derive --zoom 0.5` records as the derived set's settings
+DERIVED = {"patch": [64, 64, 32], "eval_stride_xy": 9, "eval_stride_z": 2, "units": "voxel"}
+
+
+def write_run(runs_dir, cell: Cell, dice, last=None, stages=1, name=None, **config_changes):
+    """A finished run folder of ``cell`` with per-case Dice ``dice`` (and ``last`` for its last weights)."""
+    d = runs_dir / (name or cell.id)
+    d.mkdir(parents=True)
+    cfg = cell.config(dataset_defaults={**DERIVED, "patch": tuple(DERIVED["patch"])}).to_json()
+    cfg.update(config_changes)
+    (d / "config.json").write_text(json.dumps({
+        "config": cfg, "data": {"root": "/nonexistent", "imported": DERIVED},
+        "method": {"name": cell.method, "summary": "fixture",
+                   "stages": [{"stage": f"S{k}", "literature_selection": None} for k in range(stages)]}}))
+    summary = {"method": cell.method, "labeled": cell.labeled, "seed": cell.seed, "protocol": cell.protocol,
+               "profile": cell.profile, "paper_post": "raw", "checkpoint": {"stage": stages, "iteration": 10},
+               "metrics": {"raw": _metrics(dice), "lcc": _metrics(dice)},
+               "timings": {"stage1": {"train_s": 600.0}, "eval": {"inference_s": 30.0, "metrics_s": 30.0}}}
+    (d / "metrics_per_case.csv").write_text(_csv(dice))
+    if last is not None:
+        summary["last"] = {"checkpoint": {"stage": stages, "iteration": 240, "selection": "last"},
+                           "metrics": {"raw": _metrics(last), "lcc": _metrics(last)}}
+        (d / "metrics_per_case_last.csv").write_text(_csv(last))
+    (d / "summary.json").write_text(json.dumps(summary))
+    return d
+
+
+def _cell(exp, method, protocol="val"):
+    return next(c for c in exp.cells if (c.method, c.protocol) == (method, protocol))
+
+
+@pytest.fixture
+def setup(tmp_path):
+    path = tmp_path / "track.toml"
+    path.write_text(EXPERIMENT)
+    exp = load_experiment(path)
+    runs = tmp_path / "runs"
+    write_run(runs, _cell(exp, "vnet"), [0.70] * 6, last=[0.60, 0.62, 0.64, 0.66, 0.68, 0.70])
+    write_run(runs, _cell(exp, "uamt"), [0.80] * 6, last=[0.75] * 6)
+    write_run(runs, _cell(exp, "bcp", "honest"), [0.90] * 6, last=None, stages=2)
+    write_run(runs, _cell(exp, "bcp", "val"), [0.91] * 6, last=[0.85] * 6, stages=2)
+    return tmp_path, path, exp, runs
+
+
+def _report(path, out, *dirs):
+    args = ["report", str(path), "--out", str(out)]
+    for d in dirs:
+        args += ["--runs-dir", str(d)]
+    return main(args)
+
+
+def _table(out) -> pd.DataFrame:
+    df = pd.read_csv(out / "table.csv")
+    return df[df["own_post"] == True].rename(columns={"dice_mean": "dice"})  # noqa: E712
+
+
+def test_honest_rows_of_single_stage_methods_come_from_their_val_runs_last_weights(setup):
+    tmp, path, exp, runs = setup
+    assert _report(path, tmp / "out", runs) == 0
+    df = _table(tmp / "out")
+    honest = df[df["protocol"] == "honest"].set_index("method")
+    assert honest.loc["vnet", "dice"] == pytest.approx(65.0)  # mean of the last weights' per-case Dice
+    assert honest.loc["uamt", "dice"] == pytest.approx(75.0)
+    assert honest.loc["bcp", "dice"] == pytest.approx(90.0)  # two stages: its own honest run, not val's last
+    val = df[df["protocol"] == "val"].set_index("method")
+    assert val.loc["vnet", "dice"] == pytest.approx(70.0) and val.loc["bcp", "dice"] == pytest.approx(91.0)
+    md = (tmp / "out" / "table.md").read_text()
+    assert "honest (= last of val)" in md and "no second run was trained" in md
+    assert "Reduced scale; not comparable with published numbers." in md
+    assert "Paper" not in md.split("## Method ordering")[0]  # no published column anywhere in the tables
+
+
+def test_a_multi_stage_method_without_an_honest_run_gets_no_honest_row(setup):
+    tmp, path, exp, runs = setup
+    import shutil
+
+    shutil.rmtree(runs / _cell(exp, "bcp", "honest").id)
+    assert _report(path, tmp / "out", runs) == 0
+    df = _table(tmp / "out")
+    row = df[(df["protocol"] == "honest") & (df["method"] == "bcp")]
+    assert row.empty or row["dice"].isna().all()
+
+
+def test_the_ordering_page_ranks_methods_beside_the_papers_order(setup):
+    tmp, path, exp, runs = setup
+    assert _report(path, tmp / "out", runs) == 0
+    order = pd.read_csv(tmp / "out" / "ordering.csv")
+    honest = order[order["protocol"] == "honest"].set_index("method")
+    assert honest["rank"].to_dict() == {"bcp": 1, "uamt": 2, "vnet": 3}
+    assert honest["paper_rank"].to_dict() == {"bcp": 1, "uamt": 2, "vnet": 3}  # Table 1: BCP > UA-MT > V-Net at 8
+    md = (tmp / "out" / "table.md").read_text()
+    assert "τ = 1.00" in md
+    assert "## Measured time" in md and "In all: 44 min" in md  # 4 runs × (600 + 60) s
+
+
+def test_the_report_regenerates_byte_for_byte(setup):
+    tmp, path, exp, runs = setup
+    for out in ("a", "b"):
+        assert _report(path, tmp / out, runs) == 0
+    for name in ("table.md", "table.csv", "ordering.csv", "wilcoxon.csv", "selection.csv", "table.tex"):
+        assert (tmp / "a" / name).read_bytes() == (tmp / "b" / name).read_bytes(), name
+
+
+def test_your_runs_beside_the_committed_ones(setup):
+    tmp, path, exp, runs = setup
+    mine = tmp / "mine"
+    user = Cell("dtc", 8, 1, "val", exp.cells[0].profile, {}, precision="fp32")
+    write_run(mine, user, [0.85] * 6, last=[0.84] * 6)
+    assert _report(path, tmp / "out", runs, mine) == 0
+    df = _table(tmp / "out")
+    got = df.set_index(["protocol", "method"])["dice"]
+    assert got[("val", "dtc")] == pytest.approx(85.0) and got[("honest", "dtc")] == pytest.approx(84.0)
+    assert got[("val", "vnet")] == pytest.approx(70.0)  # the committed ones are still there
+    md = (tmp / "out" / "table.md").read_text()
+    assert "`" + str(mine) + "`" in md or "mine" in md
+
+
+def _one_line(capsys, code):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("ssl-bench: error:"), (code, err)
+    return err[0]
+
+
+def test_a_run_with_other_settings_is_refused_in_one_line(setup, capsys):
+    tmp, path, exp, runs = setup
+    mine = tmp / "mine"
+    user = Cell("dtc", 8, 1, "val", exp.cells[0].profile, {}, precision="fp32")
+    write_run(mine, user, [0.85] * 6, last=[0.84] * 6, n_filters=16)
+    line = _one_line(capsys, _report(path, tmp / "out", runs, mine))
+    assert "not a run of the track experiment" in line and "n_filters" in line
+    assert not (tmp / "out" / "table.md").exists()
+
+
+def test_a_run_at_the_papers_scale_is_refused(setup, capsys):
+    tmp, path, exp, runs = setup
+    mine = tmp / "mine"
+    user = Cell("dtc", 8, 1, "val", exp.cells[0].profile, {}, precision="fp32")
+    write_run(mine, user, [0.85] * 6, last=[0.84] * 6, schedule_scale=1.0)
+    assert "schedule_scale" in _one_line(capsys, _report(path, tmp / "out", runs, mine))
+
+
+def test_a_cell_in_two_runs_dirs_and_a_misnamed_folder_are_refused(setup, capsys):
+    tmp, path, exp, runs = setup
+    mine = tmp / "mine"
+    write_run(mine, _cell(exp, "vnet"), [0.5] * 6, last=[0.5] * 6)
+    assert "two --runs-dir" in _one_line(capsys, _report(path, tmp / "out", runs, mine))
+    other = tmp / "other"
+    write_run(other, Cell("dtc", 8, 1, "val", exp.cells[0].profile, {}, precision="fp32"), [0.8] * 6,
+              last=[0.8] * 6, name="my-dtc")
+    assert "rename the folder" in _one_line(capsys, _report(path, tmp / "out2", runs, other))
