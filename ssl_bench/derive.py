@@ -21,9 +21,6 @@ OUT is written into a temporary folder beside it and renamed into place only whe
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import h5py
@@ -31,7 +28,7 @@ import numpy as np
 
 from .data import CASES_DIR, DATASET_RECORD, H5_NAME, SUMS_NAME, LAData, sha256_file
 from .errors import UserError
-from .importer import LA_PATCH, LA_STRIDES
+from .importer import LA_PATCH, LA_STRIDES, writing_dataset
 
 #: a zoom factor must lie in this range (a larger factor is upsampling, which the track never needs)
 ZOOM_RANGE = (0.1, 1.0)
@@ -106,14 +103,7 @@ def derive(src, out, *, zoom=0.5, patch=None, stride_xy: int | None = None, stri
         if sums is not None and cid in sums and sha256_file(src.case_path(cid)) != sums[cid]:
             raise UserError(f"case {cid}: {src.case_path(cid)} differs from its sha256 in {src.root / SUMS_NAME}; "
                             "restore the release before deriving from it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        for stale in out.parent.glob(f".{out.name}.deriving-*"):  # left by a killed derive
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.deriving-", dir=out.parent))
-    except OSError as exc:
-        raise UserError(f"cannot create {out} ({type(exc).__name__}: {exc})") from None
-    try:
+    with writing_dataset(out, "deriving") as tmp:
         per_case, lines = {}, []
         for n, cid in enumerate(ids):
             image, label = src.load(cid)
@@ -159,13 +149,4 @@ def derive(src, out, *, zoom=0.5, patch=None, stride_xy: int | None = None, stri
             "warnings": [],
         }
         (tmp / DATASET_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except OSError as exc:  # a full disk, permissions, OUT created meanwhile: nothing half-written
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write {out} ({type(exc).__name__}: {exc}); nothing was written") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record

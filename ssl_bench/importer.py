@@ -29,6 +29,7 @@ OUT is written to a temporary folder beside it and moved into place only when ev
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -47,6 +48,31 @@ RECORD_NAME = DATASET_RECORD
 FORMATS = ("nnunet",)
 LA_PATCH = (112, 112, 80)
 LA_STRIDES = (18, 4)
+
+
+@contextlib.contextmanager
+def writing_dataset(out: Path, tag: str):
+    """Write a data set folder atomically: yields a temporary folder beside ``out`` (``.<name>.<tag>-*``), renamed
+    to ``out`` when the block succeeds; on any failure it is removed and ``out`` is untouched (a failing write,
+    a full disk: one line). Temporary folders a killed writer left behind are removed first."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f".{out.name}.{tag}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"cannot create {out} ({type(exc).__name__}: {exc})") from None
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty, checked by the caller
+        os.replace(tmp, out)
+    except OSError as exc:  # a full disk, permissions, OUT created meanwhile: nothing half-written
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write {out} ({type(exc).__name__}: {exc}); nothing was written") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # ---------------------------------------------------------------- reading the source
@@ -312,12 +338,7 @@ def import_nnunet(src, out, *, label: str | None = None, test_fraction: float | 
     all_cases = {**cases, **(ts_cases or {})}
 
     test_set = set(test_ids)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.importing-", dir=out.parent))
-    except OSError as exc:
-        raise UserError(f"cannot create {out} ({type(exc).__name__}: {exc})") from None
-    try:
+    with writing_dataset(out, "importing") as tmp:
         per_case, sums = {}, []
         for cid in train_ids + test_ids:
             img_path, lab_path = all_cases[cid]
@@ -369,13 +390,4 @@ def import_nnunet(src, out, *, label: str | None = None, test_fraction: float | 
             "warnings": [f"{len(empty)} case(s) have an empty foreground: {', '.join(empty[:5])}"] if empty else [],
         }
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except OSError as exc:  # a full disk, permissions, OUT created meanwhile: nothing half-written
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write {out} ({type(exc).__name__}: {exc}); nothing was written") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record

@@ -207,12 +207,26 @@ def register(name: str, *stages: type[Stage], summary: str = "") -> Callable:
     return decorator
 
 
+def _require_builtin_package(module) -> None:
+    """The name ``methods`` must be the project's own package: a user's ``methods.py`` (or folder) found first on
+    sys.path would otherwise replace all seven built-in methods without a word."""
+    from pathlib import Path
+
+    builtin = (Path(__file__).resolve().parents[1] / "methods").resolve()
+    found = Path(getattr(module, "__file__", "") or "").resolve()
+    if found.parent != builtin:
+        raise PluginError(f"the module 'methods' was imported from {found}, not from ssl-bench's built-in methods "
+                          f"({builtin}): rename your methods.py (or run from another folder) so it cannot hide them")
+
+
 def registry() -> dict[str, MethodSpec]:
     """Every registered method: the built-in ones (package ``methods``), then the plugins (entry points in
     the group ``ssl_bench.methods``, then the modules named in ``SSL_BENCH_PLUGINS``). An import error is an
     error (:class:`ssl_bench.plugins.PluginError`, a :class:`UserError`), never swallowed."""
     import methods  # noqa: F401  (imports every method module; an import error is an error, never swallowed)
     from .plugins import load_plugins
+
+    _require_builtin_package(methods)
 
     load_plugins(_REGISTRY)
     return dict(_REGISTRY)

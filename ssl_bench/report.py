@@ -530,11 +530,17 @@ def occlusion_frame(exp: Experiment, source: Path) -> pd.DataFrame:
     Kept: the experiment's variant, its cells' (method, labeled, seed, protocol), and each run's own
     post-processing (the ``paper_post`` flag the occlusion command writes)."""
     path = Path(source)
+    if path.is_dir() and not (path / OCCLUSION_CSV).is_file():  # one `ssl-bench occlusion --out` folder per run
+        parts = sorted(path.glob(f"*/{OCCLUSION_CSV}"))
+        return pd.concat([occlusion_frame(exp, p) for p in parts], ignore_index=True) if parts else pd.DataFrame()
     if path.is_dir():
         path = path / OCCLUSION_CSV
     if not path.is_file():
         return pd.DataFrame()
-    df = pd.read_csv(path)
+    try:
+        df = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise UserError(f"{path} is damaged ({type(exc).__name__}); rerun `ssl-bench occlusion`") from None
     need = {"method", "labeled", "ratio", "dice"}
     if not need <= set(df.columns):
         raise UserError(f"{path}: an occlusion CSV needs the columns {', '.join(sorted(need))} "

@@ -26,6 +26,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -193,7 +194,9 @@ def load_torch(path: Path, what_to_do: str, kind: str = "file") -> dict:
 
     path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own warnings never reach the user's stderr
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         # what the weights-only unpickler refuses because it would import or call something (not mere damage)
@@ -204,12 +207,41 @@ def load_torch(path: Path, what_to_do: str, kind: str = "file") -> dict:
             detail = detail.replace("GLOBAL ", "").replace("Trying to load ", "")
             raise UnsafeFileError(f"refusing to load {path}: it is not a plain {kind} ({detail}) and loading it "
                                   f"could run code; only open run folders from trusted sources, and {what_to_do}") from None
+        _refuse_code_pickle(path, kind, what_to_do)
         raise _damaged(path, exc, what_to_do) from None
     except Exception as exc:  # truncated zip, bad magic number, EOF, I/O error, ...
+        _refuse_code_pickle(path, kind, what_to_do)
         raise _damaged(path, exc, what_to_do) from None
     if not isinstance(obj, dict):
         raise DamagedFileError(path, f"it holds a {type(obj).__name__}, not a {kind}", what_to_do)
     return obj
+
+
+#: pickle opcodes that import or call something: a file holding one would run code if unpickled
+_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD", "EXT1", "EXT2",
+                 "EXT4"}
+
+
+def _refuse_code_pickle(path: Path, kind: str, what_to_do: str) -> None:
+    """A bare pickle (any protocol; torch's own files are zip archives) that imports or calls something is refused as
+    such, never taken for a damaged file (which would fall back to previous.pt). Read with pickletools: nothing runs."""
+    import pickletools
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+            if len(head) < 2 or head[0] != 0x80:
+                return
+            f.seek(0)
+            for op, _, _ in pickletools.genops(f):
+                if op.name in _CODE_OPCODES:
+                    raise UnsafeFileError(f"refusing to load {path}: it is not a plain {kind} (a pickle that uses "
+                                          f"{op.name}) and loading it could run code; only open run folders from "
+                                          f"trusted sources, and {what_to_do}")
+    except UnsafeFileError:
+        raise
+    except Exception:  # noqa: BLE001 - unreadable as a pickle: damaged, said by the caller
+        return
 
 
 def _damaged(path: Path, exc: BaseException, what_to_do: str) -> UserError:

@@ -60,3 +60,22 @@ def test_bf16_on_a_cpu_without_bf16_falls_back_to_fp32_in_one_line(tmp_path, mon
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["precision"] == "fp32" and config["config"]["requested_precision"] == "bf16"
     assert config["numerics"]["autocast"] is None
+
+
+def test_reproduce_cell_retrains_a_record_to_identical_numbers(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("reproduce_cell", Path(__file__).parents[1] / "scripts" / "reproduce_cell.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = make_tiny_la(tmp_path / "LA", n_train=6, n_test=1)
+    record = tmp_path / "record"
+    assert main(["run", "--method", "dtc", "--labeled", "2", "--data", str(data), "--profile", "smoke", "--device", "cpu",
+                 "--patch", "16,16,16", "--iterations", "3", "--schedule-scale", "0.04", "--protocol", "val",
+                 "--val-cases", "2", "--selection-every", "1", "--out", str(record), "--quiet"]) == 0
+    assert mod.main([str(record), "--data", str(data), "--out", str(tmp_path / "again")]) == 0
+    assert "identical" in capsys.readouterr().out
+    csv = record / "metrics_per_case.csv"
+    csv.write_text(csv.read_text().replace("raw", "RAW", 1))
+    assert mod.main([str(record), "--data", str(data), "--out", str(tmp_path / "third")]) == 1

@@ -380,3 +380,35 @@ def test_an_older_config_is_compared_on_the_lists_it_has(base, tmp_path):
     data = _reordered(base, tmp_path, "train.list", 0, 7, name="LA-labeled")
     with pytest.raises(UserError, match="labeled case 1"):
         check_split(old, LAData(data), "old", "")
+
+
+# ------------------------------------------------------------------ 4. hostile pickles at every protocol
+
+class _Planted:
+    """Unpickling this runs os.system: it must never happen."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_a_code_pickle_is_refused_as_such_and_never_falls_back(base, tmp_path, capsys, protocol):
+    """A last.pt that would run code, at any pickle protocol, is refused (no fallback to previous.pt, exit 2,
+    one line naming it as code, no warning lines), and the planted code never runs."""
+    import pickle
+
+    run = _copy(base["cut"], tmp_path / "cut")
+    marker = tmp_path / "planted-ran"
+    last = run / "checkpoints" / "last.pt"
+    if not (run / "checkpoints" / "previous.pt").is_file():
+        shutil.copyfile(last, run / "checkpoints" / "previous.pt")
+    last.write_bytes(pickle.dumps({"stage": 0, "nets": _Planted(marker)}, protocol=protocol))
+    before = tree(run, base["data"])
+    assert cli("run", *ARGS, "--data", base["data"], "--out", run, "--resume") == 2
+    line = one_line(capsys)
+    assert "could run code" in line and "last.pt" in line and "damaged" not in line
+    assert not marker.exists()
+    assert tree(run, base["data"]) == before

@@ -287,3 +287,19 @@ def test_the_documented_public_api_exists():
 
     net = Probe(Ctx(labeled=4, patch=(16, 16, 16), n_filters=2)).networks()["student"]
     assert net.eval()(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
+
+
+def test_a_users_methods_py_cannot_hide_the_built_in_methods(tmp_path):
+    """A `methods.py` first on sys.path (the working folder under `python -m`, or PYTHONPATH) is refused in one line,
+    never silently taken for the seven built-in methods."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "methods.py").write_text("from ssl_bench.method import Stage, register\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-m", "ssl_bench.cli", "methods"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stdout == ""
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot hide them" in lines[0] and str(tmp_path / "methods.py") in lines[0]
