@@ -39,7 +39,7 @@ from pathlib import Path
 import click
 
 from .errors import UserError
-from .experiments import Cell, load_experiment, same_run, wave_index
+from .experiments import ADDED_DEFAULTS, Cell, load_experiment, same_run, wave_index
 from .runs import atomic_write_json, lock_folder, open_append, read_json, require_regular
 
 ATTEMPT = "attempt "
@@ -113,7 +113,8 @@ def classify(cells: list[Cell], runs_dir: Path, gpus_per_trial: float, resume: b
             from .precision import with_precision
 
             whole = read_json(stored_path)
-            stored = with_precision(whole["config"])  # precision inferred for an older folder
+            # precision inferred for an older folder, and settings added since at the value it computed with
+            stored = {**ADDED_DEFAULTS, **with_precision(whole["config"])}
             diff = [k for k in wanted if k != "device" and stored.get(k) != wanted[k]]  # as the trainer's resume
             if diff:
                 k = diff[0]

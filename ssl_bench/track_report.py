@@ -170,7 +170,7 @@ def ordering_markdown(df: pd.DataFrame, table: str, reference: str | None) -> st
             tau = f"τ = {res.statistic:.2f} (p = {res.pvalue:.3f}, {len(sub)} methods)"
         else:
             tau = "τ: needs two methods"
-        body = [[published.display_name(r.method, table), str(r.seeds), f"{r.dice * 100:.2f}", str(r.rank),
+        body = [[published.display_name(r.method, table), str(r.seeds), f"{r.dice:.2f}", str(r.rank),
                  str(r.paper_rank),
                  "reference" if r.method == reference else
                  ("-" if r.p_vs_reference is None else f"{r.p_vs_reference:.3g}{' *' if r.significant else ''}")]

@@ -317,6 +317,9 @@ def test_runs_on_different_test_sets_are_rejected(runs, la_root, tmp_path, capsy
     shutil.copytree(runs[1], other)
     cfg = json.loads((other / "config.json").read_text())
     cfg["config"]["eval_cases"] = N_CASES + 1
+    from ssl_bench.data import LAData
+
+    cfg["split"]["test"] = LAData(la_root).test_ids[:N_CASES + 1]  # a consistent record (else: "split changed")
     (other / "config.json").write_text(json.dumps(cfg))
     rc = run_cli("occlusion", runs[0], other, "--ratios", "0.3", "--data", la_root, "--out", tmp_path / "o", "--quiet")
     err = capsys.readouterr().err

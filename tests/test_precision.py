@@ -160,7 +160,12 @@ def test_fp16_on_cpu_is_a_one_line_error(demo_root, tmp_path, capsys):
 
 
 def test_precision_is_recorded_names_the_folder_and_defines_resume(demo_root, tmp_path, monkeypatch, capsys):
+    import ssl_bench.precision
+
     monkeypatch.chdir(tmp_path)
+    # bf16 really autocasts here even on a CPU without bf16 instructions (which `run` otherwise replaces by fp32,
+    # tests/test_cpu_track.py): this test is about recording what was computed
+    monkeypatch.setattr(ssl_bench.precision, "cpu_bf16_supported", lambda: True)
     args = ["run", "--method", "vnet", "--profile", "smoke", "--labeled", 4, "--iterations", 2, "--eval-cases", 1,
             "--data", demo_root, "--device", "cpu", "--quiet"]
     assert run_cli(*args, "--precision", "bf16") == 0

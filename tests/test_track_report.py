@@ -137,6 +137,7 @@ def test_the_ordering_page_ranks_methods_beside_the_papers_order(setup):
     assert honest["paper_rank"].to_dict() == {"bcp": 1, "uamt": 2, "vnet": 3}  # Table 1: BCP > UA-MT > V-Net at 8
     md = (tmp / "out" / "table.md").read_text()
     assert "τ = 1.00" in md
+    assert "| BCP | 1 | 90.00 | 1 | 1 |" in md  # our Dice in %, as in the tables
     assert "## Measured time" in md and "In all: 44 min" in md  # 4 runs × (600 + 60) s
 
 
