@@ -161,3 +161,19 @@ def test_derive_on_real_la_cases(la_root, tmp_path):
         hits = label[::2, ::2, ::2][: lab.shape[0], : lab.shape[1], : lab.shape[2]][lab.astype(bool)]
         assert hits.mean() > 0.9
         assert abs(float(img.mean()) - float(image.mean())) < 0.05
+
+
+def test_the_label_rule_is_the_50_percent_rule_not_nearest_neighbour():
+    """On a random mask the declared rule (trilinear of the mask >= 0.5) and nearest neighbour differ; derive
+    follows the rule, voxel for voxel."""
+    from ssl_bench.derive import derive_case
+
+    rng = np.random.default_rng(0)
+    label = (rng.random((25, 24, 20)) < 0.5).astype(np.uint8)
+    image = rng.standard_normal((25, 24, 20)).astype(np.float32)
+    _, lab = derive_case(image, label, (0.5, 0.5, 0.5))
+    factors = [n / s for n, s in zip((12, 12, 10), label.shape)]
+    rule = ndimage.zoom(label.astype(np.float32), factors, order=1, mode="nearest", grid_mode=False) >= 0.5
+    nearest = ndimage.zoom(label.astype(np.float32), factors, order=0, mode="nearest", grid_mode=False) >= 0.5
+    assert (rule != nearest).sum() > 50
+    np.testing.assert_array_equal(lab, rule.astype(np.uint8))

@@ -297,7 +297,7 @@ def test_a_users_methods_py_cannot_hide_the_built_in_methods(tmp_path):
     import sys
 
     (tmp_path / "methods.py").write_text("from ssl_bench.method import Stage, register\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)}
     res = subprocess.run([sys.executable, "-m", "ssl_bench.cli", "methods"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stdout == ""

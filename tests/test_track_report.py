@@ -117,15 +117,16 @@ def test_honest_rows_of_single_stage_methods_come_from_their_val_runs_last_weigh
     assert "Paper" not in md.split("## Method ordering")[0]  # no published column anywhere in the tables
 
 
-def test_a_multi_stage_method_without_an_honest_run_gets_no_honest_row(setup):
+def test_a_multi_stage_method_gets_no_honest_row_from_its_val_run(setup):
+    """BCP's stage 2 starts from a val-selected stage 1, so its val run's last weights are not an honest run."""
     tmp, path, exp, runs = setup
-    import shutil
-
-    shutil.rmtree(runs / _cell(exp, "bcp", "honest").id)
-    assert _report(path, tmp / "out", runs) == 0
+    val_only = tmp / "val-only.toml"
+    val_only.write_text(EXPERIMENT.replace('protocols = ["honest", "val"]', 'protocols = ["val"]')
+                        + '\n[[grid]]\nmethods = ["dtc"]\nlabeled = [8]\nprotocols = ["honest"]\n')
+    assert _report(val_only, tmp / "out", runs) == 0
     df = _table(tmp / "out")
-    row = df[(df["protocol"] == "honest") & (df["method"] == "bcp")]
-    assert row.empty or row["dice"].isna().all()
+    assert df[(df["protocol"] == "honest") & (df["method"] == "bcp")].empty
+    assert df[(df["protocol"] == "honest") & (df["method"] == "uamt")]["dice"].tolist() == [pytest.approx(75.0)]
 
 
 def test_the_ordering_page_ranks_methods_beside_the_papers_order(setup):
