@@ -112,24 +112,13 @@ def host_work(trainer: Trainer, k: int, iterations: int):
     return hostwork.host_ms_per_iteration(trainer, k, iterations=iterations)
 
 
-def train_stream(trainer: Trainer, k: int, stage):
-    """Stage k's batches as the trainer's own loop draws them: with its background preparation of the next
-    batch and its host targets (``ssl_bench.prefetch``) where the trainer has one."""
-    stream = trainer.make_stream(k, stage)
-    try:
-        from .prefetch import PrefetchStream
-    except ImportError:
-        return stream
-    return PrefetchStream(stream, getattr(stage, "host_targets", None), enabled=getattr(trainer, "prefetch", True))
-
-
 def time_training(trainer: Trainer, k: int, iterations: int, warmup: int) -> dict:
     """Stage k: it/s over ``iterations`` after ``warmup`` (data draw + augmentation + every phase + after-step),
     the ms per iteration the loop waited in ``stream.next()`` (host work left exposed), whether every loss was
     finite, peak device memory."""
     stage, nets = trainer.build_stage(k, previous=None)
     opts = stage.optimizers(nets)
-    stream = train_stream(trainer, k, stage)
+    stream = trainer.open_stream(k, stage)  # the loop's own stream, prefetch and all
     scalers = trainer.make_scalers(stage)
     losses, batch_s = [], 0.0
     try:
@@ -141,9 +130,7 @@ def time_training(trainer: Trainer, k: int, iterations: int, warmup: int) -> dic
                 batch_s = 0.0
                 t0 = time.perf_counter()
             tb = time.perf_counter()
-            batch = stream.next()
-            if trainer.cuda_fast:
-                batch.image = batch.image.contiguous(memory_format=torch.channels_last_3d)
+            batch = trainer.next_batch(stream)
             batch_s += time.perf_counter() - tb
             logs = trainer.train_step(stage, nets, opts, batch, it0, scalers)
             if it0 >= warmup:
@@ -152,9 +139,7 @@ def time_training(trainer: Trainer, k: int, iterations: int, warmup: int) -> dic
         seconds = time.perf_counter() - t0
         peak = _peak(trainer.device)
     finally:
-        close = getattr(stream, "close", None)  # a stream that prepares batches in the background
-        if callable(close):
-            close()
+        stream.close()  # ends the background preparation
     values = torch.stack([v.float() for v in losses]).cpu()
     return {"stage": k + 1, "name": type(stage).__name__, "iterations": iterations, "warmup": warmup,
             "it_per_s": iterations / seconds, "batch_wait_ms_per_iteration": 1000 * batch_s / iterations,

@@ -7,7 +7,7 @@ block may override the file's defaults. Example (the keys are all the format has
     title = "Table 1 of the OMF paper"
     paper = "table1"              # published numbers beside ours (ssl_bench/published.py), optional
     compare_to = "omf"            # reference of the paired Wilcoxon tests in the report
-    profile = "paper"             # ssl_bench.trainer.PROFILES
+    profile = "paper"             # ssl_bench.config.PROFILES
     seeds = [1337, 1338, 1339]
     protocols = ["honest", "literature", "val"]   # val: selection on the validation cases (Decision 8)
     precision = "tf32"            # or a list, e.g. ["tf32", "bf16"]: an axis (docs/methods.md Decision 7; default tf32)
@@ -47,10 +47,14 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10 with tomli install
 from .errors import UserError
 from .runs import PROJECT_ROOT
 from .precision import DEFAULT_PRECISION, PRECISIONS  # noqa: F401  (torch-free)
+# run identity and the settings themselves live in the torch-free config module (re-exported for callers)
+from .config import ADDED_DEFAULTS, NON_DEFINING, PROFILES, PROTOCOLS, build_config, same_run  # noqa: F401
 
-EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
+#: the shipped experiment files: inside the installed package (setup.cfg maps the top-level experiments/ folder to
+#: ssl_bench.experiment_files), or the source tree's experiments/ in a checkout and an editable install
+_PACKAGED = Path(__file__).resolve().parent / "experiment_files"
+EXPERIMENTS_DIR = _PACKAGED if _PACKAGED.is_dir() else PROJECT_ROOT / "experiments"
 LA_TRAIN_CASES = 80  # train.list of the LA release (§1.2); a labeled count must lie in 1..80
-PROTOCOLS = ("honest", "literature", "val")  # val: selection on the last K train.list cases (Decision 8)
 PAPER_TABLES = ("table1", "table2")
 #: `ssl-bench occlusion --variant` names (§3.7.8): "volume" = variant B (primary), "code" = variant A
 OCCLUSION_VARIANTS = ("volume", "code")
@@ -68,10 +72,6 @@ OCCLUSION_KEYS = {"variant", "ratios", "repeats"}
 #: RunConfig settings a [run] table may set (method/labeled/seed/protocol/profile are axes; teacher is the sweep's)
 RUN_KEYS = {"iterations", "schedule_scale", "patch", "n_filters", "device", "checkpoint_every", "log_every", "selection_every", "val_cases",
             "eval_stride_xy", "eval_stride_z", "eval_cases", "empty_policy", "units", "fast", "options"}
-#: settings that do not change what a run computes: left out of the cell ID and of the "same run?" check
-NON_DEFINING = {"device", "fast", "teacher", "log_every", "checkpoint_every", "requested_precision"}
-#: settings added after run folders were first written: a stored config without one computed with this value
-ADDED_DEFAULTS = {"units": "voxel", "schedule_scale": 1.0, "requested_precision": None}
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,6 @@ class Cell:
     def config(self, dataset_defaults: dict | None = None, **extra):
         """The RunConfig this cell trains with (``extra``: device, teacher path) on a data set whose own
         settings are ``dataset_defaults`` (``LAData.run_defaults()``; None or {} for LA)."""
-        from .trainer import build_config
-
         values = dict(self.overrides)
         if "patch" in values:
             values["patch"] = tuple(values["patch"])
@@ -247,6 +245,10 @@ def parse_experiment(raw: dict, path: Path, methods: set[str]) -> Experiment:
     def fail(msg: str):
         raise UserError(f"{where}: {msg}")
 
+    name = Path(path).stem  # names output folders (results/<name>): a plain name, never a path
+    if not all(ch.isascii() and (ch.isalnum() or ch in "-_.") for ch in name) or not name.strip("."):
+        fail(f"the experiment name {name!r} (the file name without .toml) is not a plain name: use letters, digits, "
+             "'-', '_' and '.' (not only dots)")
     _check_keys(raw, TOP_KEYS, "", fail)
     title = _string(raw, "title", fail, default=Path(path).stem)
     description = _string(raw, "description", fail, default="")
@@ -295,8 +297,6 @@ def parse_experiment(raw: dict, path: Path, methods: set[str]) -> Experiment:
         for p in protocols:
             if p not in PROTOCOLS:
                 fail(f"{at}: unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}")
-        from .trainer import PROFILES
-
         if profile not in PROFILES:
             fail(f"{at}: unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
         for n in labeled:
@@ -407,19 +407,3 @@ def _occlusion(occ, fail) -> Occlusion:
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         fail(f"occlusion: repeats must be a positive integer, got {repeats!r}")
     return Occlusion(occ["variant"], tuple(float(r) for r in ratios), repeats)
-
-
-def same_run(stored: dict, wanted: dict) -> str | None:
-    """The first setting that differs between a run folder's stored config and a cell's, or None.
-
-    Only settings that change what is computed count (not device, the fast-path switches besides
-    precision, teacher folder, log or checkpoint intervals). Precision counts. A folder made before
-    precision was recorded has no ``precision`` key: its folder name is its only identity there, so it is
-    taken as its cell's (the report labels it with what it computed, ssl_bench.report.legacy_note)."""
-    for key, value in wanted.items():
-        if key in NON_DEFINING or (key == "precision" and "precision" not in stored):
-            continue
-        theirs = stored.get(key, ADDED_DEFAULTS.get(key))
-        if theirs != value:
-            return f"{key} is {theirs!r} there, the experiment asks for {value!r}"
-    return None

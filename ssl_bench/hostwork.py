@@ -76,16 +76,13 @@ def host_ms_per_iteration(trainer, k: int = 0, iterations: int = 10, warmup: int
     other processes on a shared machine; on an idle one the wall time is about ``cpu_ms`` divided by the
     cores the EDT and labelling use), ``component_samples`` the volumes the stage's LCC passes label per iteration.
     """
-    from .data import TrainStream
     from .postprocess import largest_component_batch
 
     stage = trainer.stages[k]
     device = trainer.device
     storage = device if getattr(trainer, "cuda_fast", False) else torch.device("cpu")
-    # the trainer's own stream settings, with the batch kept where it is made so the transfer is timed apart
-    stream = TrainStream(trainer.data, trainer.split, trainer.cfg.patch, stage.batch_labeled, stage.batch_unlabeled,
-                         seed=trainer.cfg.seed + 1000 * k, storage=storage, device=storage,
-                         keep_last=stage.keep_last_batch)
+    # the trainer's own stream, with the batch kept where it is made so the transfer is timed apart
+    stream = trainer.make_stream(k, stage, on=storage)
     for case_id in trainer.split.labeled + (trainer.split.unlabeled if stage.batch_unlabeled else ()):
         stream._volume(case_id)  # disk reads and decompression: once per run, not per iteration
     calls = _component_calls(stage)

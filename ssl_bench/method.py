@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import UserError
 from .plugins import PluginError
-from .vnet import VNet
+from .networks import VNet
 
 #: The public API that method code (``methods/`` and plugins) may use; a later rename keeps the old name
 #: working (README "Your method beside the seven"). Batch fields: ``labeled_image``, ``label``,

@@ -6,10 +6,9 @@ refused instead of executed. A damaged file gives one line naming it and what to
 A folder being written is locked (``fcntl.flock`` on ``DIR/.lock``); the operating system drops the
 lock when its holder dies, so a killed run never blocks its own resume.
 
-Nothing is written through a link: the lock is opened with ``O_NOFOLLOW``, and a run folder's
-``.lock``, ``log.jsonl``, ``config.json``, ``summary.json``, ``checkpoints/``, ``stages/`` (and the files
-written inside them) that are symbolic links or not regular files/folders are refused with one line
-(:func:`require_regular`). ``--overwrite`` empties only a run folder, never the data (:func:`check_overwrite`).
+Nothing is written through a link: the lock is opened with ``O_NOFOLLOW``, and a run folder's entries
+(and the files written inside them) that are symbolic links or not regular files/folders are refused with one line
+(:func:`require_regular`). What a run folder holds, and ``--overwrite``: :mod:`ssl_bench.run_folder`.
 """
 from __future__ import annotations
 
@@ -270,21 +269,11 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-#: what to do about a damaged run-folder JSON file, and the keys it must have
-_RUN_JSON = {
-    "config.json": ("it cannot be rebuilt: restore it from a copy of the run folder, or delete the folder and retrain "
-                    "the run (`ssl-bench run ... --overwrite` replaces only a folder whose config.json is intact)",
-                    ("config",)),
-    "summary.json": ("delete it and run `ssl-bench eval` on the run folder to rewrite it (its training timings are "
-                     "lost)", ("metrics",)),
-}
-
-
-def read_json(path: Path, what_to_do: str | None = None):
-    """A JSON file; a missing or damaged one is one UserError naming it (and, for run files, what to do)."""
+def read_json(path: Path, what_to_do: str | None = None, keys: tuple[str, ...] | None = None):
+    """A JSON file; a missing or damaged one is one UserError naming it and what to do. ``keys``: the sections
+    (JSON objects) it must have, or None for any JSON value (a run folder's files: ssl_bench.run_folder)."""
     path = Path(path)
-    hint, keys = _RUN_JSON.get(path.name, ("restore it from a copy or re-create it", ()))
-    hint = what_to_do or hint
+    hint = what_to_do or "restore it from a copy or re-create it"
     if not path.is_file():
         raise UserError(f"missing file: {path}")
     try:
@@ -294,7 +283,7 @@ def read_json(path: Path, what_to_do: str | None = None):
         raise UserError(f"{path} is damaged (not valid JSON: {reason}); {hint}") from None
     except OSError as exc:
         raise UserError(f"cannot read {path} ({exc.strerror or exc}); {hint}") from None
-    if path.name in _RUN_JSON:
+    if keys is not None:
         if not isinstance(obj, dict):
             raise UserError(f"{path} is damaged (a JSON {type(obj).__name__}, not an object); {hint}")
         missing = [k for k in keys if not isinstance(obj.get(k), dict)]
@@ -405,19 +394,6 @@ def open_append(path: Path):
     return os.fdopen(fd, "a")
 
 
-#: what a run folder holds at its top level, and whether each is a folder; ssl-bench writes or replaces them
-RUN_ENTRIES = {".lock": False, "log.jsonl": False, "config.json": False, "summary.json": False,
-               "metrics_per_case.csv": False, "metrics_per_case_last.csv": False, "checkpoints": True, "stages": True}
-
-
-def require_run_entries(folder: Path) -> None:
-    """Every entry of ``folder`` that a run, --resume or eval writes is the folder's own (:func:`require_regular`);
-    the files inside checkpoints/ and stages/ are checked again as they are written (:func:`atomic_torch_save`)."""
-    folder = Path(folder)
-    for name, is_folder in RUN_ENTRIES.items():
-        require_regular(folder / name, folder=is_folder)
-
-
 # ---------------------------------------------------------------------------------- one writer
 
 LOCK_NAME = ".lock"
@@ -503,94 +479,3 @@ def refuse_if_locked(folder: Path, name: str = LOCK_NAME) -> None:
             raise _busy(Path(folder), path) from None
     finally:
         os.close(fd)  # closing drops a lock taken here
-
-
-def _has_content(folder: Path) -> bool:
-    # the lock, and what a write killed before config.json existed leaves (atomic_write's temporary file), are no run
-    return any(p.name != LOCK_NAME and not p.name.startswith(".config.json.") for p in folder.iterdir())
-
-
-def _within(a: Path, b: Path) -> bool:
-    return a == b or b in a.parents
-
-
-def is_run_config(path: Path) -> bool:
-    """Whether ``path`` is a config.json that ssl-bench wrote for a run: a regular file (not a link) holding a JSON
-    object whose "config" section names the run's "method"."""
-    try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return False
-        obj = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (OSError, ValueError):
-        return False
-    config = obj.get("config") if isinstance(obj, dict) else None
-    return isinstance(config, dict) and isinstance(config.get("method"), str) and bool(config["method"])
-
-
-def check_overwrite(out: Path, data_root: Path | None = None) -> None:
-    """``--overwrite`` empties ``out`` only if it is a run folder (an intact config.json written by ssl-bench) that is
-    neither the data root nor inside it nor above it, and not a symbolic link; otherwise one UserError, nothing deleted."""
-    given = Path(out)
-    if given.is_symlink():
-        raise UserError(f"--overwrite refuses {given}: it is a symbolic link (to {os.readlink(given)}), and emptying it "
-                        f"would delete the files it points to; pass the run folder itself")
-    out = given.resolve()
-    if data_root is not None:
-        root = Path(data_root).resolve()
-        where = ("is the data folder" if out == root else f"is inside the data folder {root}" if _within(out, root)
-                 else f"holds the data folder {root}" if _within(root, out) else None)
-        if where:
-            raise UserError(f"--overwrite refuses to empty {out}: it {where}; choose another --out")
-    if not is_run_config(out / "config.json"):
-        raise UserError(f"--overwrite refuses to empty {out}: it is not a run folder (no intact config.json written "
-                        f"by ssl-bench); choose another --out, or move its files away yourself")
-
-
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool, data_root: Path | None = None) -> FolderLock:
-    """An existing run folder is only reused with --resume or replaced with --overwrite, and by one process at a time.
-
-    --overwrite replaces only a run folder, never the data (``data_root``), and never through a link
-    (:func:`check_overwrite`). Every entry a run writes must be the folder's own (:func:`require_run_entries`).
-    Returns the folder's lock, held by the caller while it writes (``with prepare_run_dir(...):``).
-    """
-    given = Path(out)
-    out = given.resolve()
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite exclude each other")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path exists and is not a folder: {out}")
-    if resume:
-        if not (out / "config.json").is_file():
-            raise UserError(f"nothing to resume: {out} has no config.json")
-        lock = lock_folder(out)
-        try:
-            require_run_entries(out)
-        except BaseException:
-            lock.release()
-            raise
-        return lock
-    if out.exists() and _has_content(out):
-        if not overwrite:
-            refuse_if_locked(out)
-            raise UserError(f"output folder {out} already exists; pass --resume to continue it or --overwrite to replace it")
-        check_overwrite(given, data_root)
-        lock = lock_folder(out)  # never empties a folder that a live process is writing
-        try:
-            check_overwrite(given, data_root)  # as it is now that we hold it
-            for p in out.iterdir():
-                if p.name == LOCK_NAME:
-                    continue
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()  # a link itself, never what it points to
-        except BaseException:
-            lock.release()
-            raise
-        return lock
-    out.mkdir(parents=True, exist_ok=True)
-    lock = lock_folder(out)
-    if _has_content(out):  # another process wrote it between our check and our lock
-        lock.release()
-        raise UserError(f"output folder {out} already exists; pass --resume to continue it or --overwrite to replace it")
-    return lock

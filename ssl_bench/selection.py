@@ -39,3 +39,37 @@ def no_selection_note(protocol: str, selection: tuple[int, int], every: int, ite
                 "last weights were used")
     return (f"literature selection starts at iteration {selection[0]}, beyond this stage's {iterations}; "
             "the last weights were used")
+
+
+class Selector:
+    """The running best of a stage under a selecting protocol (Decision 9), and when to score.
+
+    ``rule``: (first iteration, interval) of :func:`rule` after scaling, or None (``honest``: never
+    scores); ``every``: the interval used. The best is kept as ``round(dice, 4)`` and replaced only by a
+    strictly greater score, as the SS-Net/BCP/OMF scripts keep it.
+    """
+
+    def __init__(self, protocol: str, rule: tuple[int, int] | None, every: int, best: dict | None = None):
+        self.protocol, self.rule, self.every = protocol, rule, every
+        self.log_key, self.label = LOG_KEY.get(protocol), LABEL.get(protocol)
+        self.best_key = BEST_KEY.get(protocol, "best_on_test")
+        self.best = best if best is not None else {"dice": None, "iteration": None}
+
+    def due(self, done: int) -> bool:
+        return bool(self.rule) and done >= self.rule[0] and done % self.every == 0
+
+    def offer(self, dice: float, done: int) -> bool:
+        """Score ``dice`` at iteration ``done``; True when it is the new best (its weights are to be kept)."""
+        best = self.best
+        if best["dice"] is None or dice > best["dice"]:
+            self.best = {"dice": round(dice, 4), "iteration": done}
+            return True
+        return False
+
+    @property
+    def selected(self) -> bool:
+        """A selection point fell inside the stage: the best weights are handed on, not the last."""
+        return bool(self.rule) and self.best["iteration"] is not None
+
+    def note(self, iterations: int) -> str:
+        return no_selection_note(self.protocol, self.rule, self.every, iterations)

@@ -16,7 +16,7 @@ import torch
 
 from ssl_bench.data import Batch
 from ssl_bench.evaluate import EvalSettings, evaluate_cases, sliding_window
-from ssl_bench.vnet import VNet
+from ssl_bench.networks import VNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -146,7 +146,7 @@ def flag_spy(monkeypatch):
     """The backend as set on a GPU host (the flags can be set on CPU too), and the flags each evaluation sees."""
     import ssl_bench.evaluate as evaluate_mod
     import ssl_bench.precision as precision_mod
-    import ssl_bench.trainer as trainer_mod
+    import ssl_bench.run_setup as run_setup_mod
 
     saved = _flags()
     real_set, real_window = precision_mod.set_backend, evaluate_mod.sliding_window
@@ -161,7 +161,7 @@ def flag_spy(monkeypatch):
         seen.append((settings.precision, _flags()))
         return real_window(prob_fn, net, image, settings, device, reference_style)
 
-    monkeypatch.setattr(trainer_mod, "set_backend", as_on_cuda)
+    monkeypatch.setattr(run_setup_mod, "set_backend", as_on_cuda)  # RunSetup._setup_backend
     monkeypatch.setattr(precision_mod, "set_backend", as_on_cuda)
     monkeypatch.setattr(evaluate_mod, "sliding_window", window)
     yield seen

@@ -1,5 +1,7 @@
 """Experiment files: the shipped grids, validation errors, cell IDs, stage-1 sharing and ordering."""
 
+from pathlib import Path
+
 import pytest
 
 from ssl_bench.errors import UserError
@@ -177,3 +179,22 @@ def test_same_run_ignores_device_and_teacher():
     stored = dict(wanted, device="cuda", teacher="/elsewhere", log_every=1)
     assert same_run(stored, wanted) is None
     assert same_run(dict(stored, iterations=3), wanted) == "iterations is 3 there, the experiment asks for 12"
+
+
+def test_the_experiment_files_ship_with_the_package():
+    """Issue 22: a regular (non-editable) install carries experiments/*.toml as ssl_bench.experiment_files, which
+    EXPERIMENTS_DIR prefers when it is there (a checkout and an editable install read experiments/ itself)."""
+    import configparser
+
+    from ssl_bench import experiments as exp_mod
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(exp_mod.__file__).resolve().parents[1] / "setup.cfg")
+    packages = cfg["options"]["packages"].split()
+    mapping = dict(line.split(" = ") for line in cfg["options"]["package_dir"].strip().splitlines())
+    assert "ssl_bench.experiment_files" in packages and mapping["ssl_bench.experiment_files"] == "experiments"
+    assert cfg["options.package_data"]["ssl_bench.experiment_files"].strip() == "*.toml"
+    shipped = sorted(p.stem for p in (Path(exp_mod.__file__).resolve().parents[1] / "experiments").glob("*.toml"))
+    assert {"table1", "table2", "fig3", "cpu", "smoke"} <= set(shipped)
+    assert exp_mod.EXPERIMENTS_DIR == (exp_mod._PACKAGED if exp_mod._PACKAGED.is_dir()
+                                       else exp_mod.PROJECT_ROOT / "experiments")

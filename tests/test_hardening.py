@@ -233,6 +233,31 @@ def test_a_damaged_run_file_is_one_line_naming_it(base, tmp_path, capsys, name, 
     assert _snapshot(run) == before  # nothing rewritten (not even with the same bytes): no mixed state
 
 
+@pytest.mark.parametrize("key, value, says, command", [
+    ("labeled", "4", "'labeled' must be a whole number", "eval"),
+    ("eval_stride_xy", 0, "strides must be positive", "eval"),
+    ("patch", [2048, 2048, 2048], "voxels", "eval"),
+    ("patch", [2048, 2048, 2048], "voxels", "occlusion"),
+    ("fast", "yes", "'fast' must be true or false", "occlusion"),
+    ("n_filters", 2.5, "'n_filters' must be a whole number", "eval"),
+])
+def test_an_edited_stored_config_is_one_line_naming_it(base, tmp_path, capsys, key, value, says, command):
+    """Issue 23: the stored settings' types and ranges are checked when read (no ZeroDivisionError, MemoryError)."""
+    run = _copy(base["full"], tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["config"][key] = value
+    (run / "config.json").write_text(json.dumps(config))
+    before = _snapshot(run)
+    if command == "eval":
+        rc = cli("eval", run, "--quiet")
+    else:
+        rc = cli("occlusion", run, "--ratios", "0.1", "--repeats", "1", "--out", tmp_path / "occ", "--quiet")
+        assert not (tmp_path / "occ").exists()
+    line = one_line(capsys)
+    assert rc == 2 and str(run / "config.json") in line and "damaged" in line and says in line, line
+    assert _snapshot(run) == before
+
+
 def _snapshot(run: Path) -> dict:
     """Every file but the lock, with its bytes and inode (an atomic rewrite makes a new inode)."""
     return {p: (p.read_bytes(), p.stat().st_ino) for p in run.rglob("*") if p.is_file() and p.name != ".lock"}

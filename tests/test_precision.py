@@ -32,7 +32,7 @@ from ssl_bench.report import collect, write_report
 from ssl_bench.runs import read_json
 from ssl_bench.trainer import RunConfig, Trainer, build_config, recorded_precision, run_training
 from ssl_bench.vat import vat_loss
-from ssl_bench.vnet import VNet
+from ssl_bench.networks import VNet
 
 FIX = Path(__file__).parent / "fixtures" / "report"
 

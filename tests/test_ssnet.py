@@ -11,7 +11,7 @@ from methods.ssnet import SSNet, class_contrastive_loss, update_memory
 from ssl_bench.data import Batch
 from ssl_bench.errors import UserError
 from ssl_bench.method import StageContext
-from ssl_bench.vnet import VNet
+from ssl_bench.networks import VNet
 
 PATCH = (16, 16, 16)
 

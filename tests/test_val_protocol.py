@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssl_bench import trainer as trainer_mod
+from ssl_bench import evaluation as evaluation_mod, trainer as trainer_mod
 from ssl_bench.cli import main
 from ssl_bench.curves import load_curves
 from ssl_bench.data import LAData
@@ -243,7 +243,8 @@ def omf_val(tiny_root, tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     for target, name, fn in ((Trainer, "train_step", step), (Trainer, "_selection_dice", selection),
-                             (trainer_mod, "evaluate_cases", evaluate), (LAData, "load", load), (LAData, "_read", read)):
+                             (trainer_mod, "evaluate_cases", evaluate), (evaluation_mod, "evaluate_cases", evaluate),
+                             (LAData, "load", load), (LAData, "_read", read)):
         mp.setattr(target, name, fn)
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_bench.vnet import VNet, count_parameters
+from ssl_bench.networks import VNet, count_parameters
 
 SMALL = (1, 1, 32, 32, 16)  # tiny input for the reduced-width network
 
