@@ -99,7 +99,8 @@ class BCPStage2(Stage):
         nets["teacher"].load_state_dict(previous)
 
     def after_step(self, nets, it0):
-        ema_update(nets["teacher"], nets["student"], self.ema_alpha)
+        # BCP's update_ema_variables: ema.mul_(α).add_((1 - α) * param), the product rounded on its own
+        ema_update(nets["teacher"], nets["student"], self.ema_alpha, fused=False)
 
     def losses(self, phase, nets, batch, it0):
         l_a, l_b = _split_pairs(batch.labeled_image)

@@ -208,8 +208,8 @@ def resume_check(method: str, data, device: str, profile: str, iterations: int, 
     import torch
 
     from ssl_bench.errors import Interrupted
-    from ssl_bench.runs import prepare_run_dir
-    from ssl_bench.trainer import Trainer, build_config, load_stage_file
+    from ssl_bench.run_folder import RunFolder, prepare_run_dir
+    from ssl_bench.trainer import Trainer, build_config
 
     cfg = build_config(method, profile, dataset_defaults=data.run_defaults(), device=device, labeled=labeled,
                        iterations=iterations, checkpoint_every=iterations, log_every=1, eval_cases=1)
@@ -232,7 +232,7 @@ def resume_check(method: str, data, device: str, profile: str, iterations: int, 
     t2 = time.perf_counter()
 
     def logged(folder):
-        rows = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
+        rows = RunFolder(folder).read_log()
         return {(r["stage"], r["iteration"]): {k: v for k, v in r.items() if k not in ("it_per_s", "elapsed_s")}
                 for r in rows}
 
@@ -240,8 +240,8 @@ def resume_check(method: str, data, device: str, profile: str, iterations: int, 
     diffs = [abs(a[key][k] - b[key][k]) for key in a if key in b for k in a[key]
              if isinstance(a[key][k], (int, float)) and isinstance(b[key].get(k), (int, float))]
     losses = [v for row in b.values() for k, v in row.items() if k.startswith("loss") and isinstance(v, (int, float))]
-    wa = load_stage_file(straight / "stages" / f"stage{n_stages}.pt")["weights"]
-    wb = load_stage_file(resumed / "stages" / f"stage{n_stages}.pt")["weights"]
+    wa = RunFolder(straight).load_stage(n_stages)["weights"]
+    wb = RunFolder(resumed).load_stage(n_stages)["weights"]
     wdiff = max(float((wa[n].double() - wb[n].double()).abs().max()) if wa[n].numel() else 0.0 for n in wa)
     return {"method": method, "iterations_per_stage": iterations, "stages": n_stages,
             "interrupted_at": {"stage": stop[0], "iteration": stop[1]},

@@ -128,11 +128,12 @@ def _cpu_precision(cfg):
 
 
 def _print_summary(summary: dict, out: Path) -> None:
+    unit = summary.get("units") or "voxel"  # of 95HD and ASD (--units; a folder from before it: voxels)
     for post, m in summary["metrics"].items():
         mark = " (method's own default)" if post == summary["paper_post"] else ""
         click.echo(f"{summary['method']} L={summary['labeled']} seed={summary['seed']} {summary['protocol']} [{post}{mark}]: "
-                   f"Dice {100 * m['dice']:.2f}  Jaccard {100 * m['jaccard']:.2f}  95HD {m['hd95']:.2f}  "
-                   f"ASD {m['asd']:.2f}  empty {m['n_empty']}/{m['n_cases']}")
+                   f"Dice {100 * m['dice']:.2f}  Jaccard {100 * m['jaccard']:.2f}  95HD {m['hd95']:.2f} {unit}  "
+                   f"ASD {m['asd']:.2f} {unit}  empty {m['n_empty']}/{m['n_cases']}")
     click.echo(f"run folder: {out}")
 
 
@@ -150,18 +151,26 @@ def eval_cmd(run_dir, data_dir, device, quiet):
 
 @cli.command("methods")
 def methods_cmd():
-    """List the registered methods: stages, where each comes from (built-in or plugin), summary."""
+    """List the registered methods: stages, where each comes from (built-in or plugin), summary. A plugin that
+    fails to load does not hide the others: they are listed, and it is named in one line (exit 2)."""
     from .method import registry
+    from .plugins import collecting_failures
 
-    for name, spec in sorted(registry().items()):
+    with collecting_failures() as failures:
+        methods = registry()
+    for name, spec in sorted(methods.items()):
         stages = " -> ".join(s.__name__ for s in spec.stages)
         click.echo(f"{name:16s} [{spec.origin}]  {len(spec.stages)} stage(s): {stages}  {spec.summary}".rstrip())
+    if failures:
+        more = f" (and {len(failures) - 1} more broken plugin(s))" if len(failures) > 1 else ""
+        raise UserError(f"{failures[0]}{more}")
 
 
 def _load_plugins(argv) -> None:
-    """Import the plugin methods before any command runs (a broken plugin: one line, exit 2)."""
+    """Import the plugin methods before any command runs (a broken plugin: one line, exit 2); `methods` loads them
+    itself, so that it can list the methods of the plugins that work."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or any(a in ("-h", "--help", "--version") for a in args):
+    if not args or any(a in ("-h", "--help", "--version") for a in args) or args[0] == "methods":
         return
     from .method import registry
 

@@ -82,8 +82,6 @@ class RunConfig:
                             f"GPU trains a batch of; choose a smaller patch")
         if self.n_filters < 1:
             raise UserError(f"--n-filters must be positive, got {self.n_filters}")
-        if self.labeled < 1:
-            raise UserError(f"--labeled must be at least 1, got {self.labeled}")
         if self.eval_stride_xy < 1 or self.eval_stride_z < 1:
             raise UserError(f"evaluation strides must be positive, got {self.eval_stride_xy} and {self.eval_stride_z}")
         if self.checkpoint_every < 1 or self.log_every < 1:

@@ -18,7 +18,8 @@ from pathlib import Path
 import click
 
 from .errors import UserError
-from .runs import atomic_savefig, read_json
+from .run_folder import RunFolder
+from .runs import atomic_savefig
 
 DICE_KEYS = {"val_dice_raw": ("validation", "-", "o"), "test_dice_raw": ("test", "--", "s")}
 
@@ -26,10 +27,14 @@ DICE_KEYS = {"val_dice_raw": ("validation", "-", "o"), "test_dice_raw": ("test",
 def stage_offsets(run_dir: Path, rows: list[dict]) -> dict[int, int]:
     """Iterations before each stage: from config.json's stage lengths, else the largest logged iteration per stage."""
     lengths = {}
-    config_path = Path(run_dir) / "config.json"
-    if config_path.is_file():
-        stages = ((read_json(config_path).get("method") or {}).get("stages")) or []
-        lengths = {k + 1: int(s["iterations"]) for k, s in enumerate(stages) if isinstance(s, dict) and "iterations" in s}
+    folder = RunFolder(run_dir)
+    if folder.has_config():
+        stages = ((folder.read_config().get("method") or {}).get("stages")) or []
+        try:
+            lengths = {k + 1: int(s["iterations"]) for k, s in enumerate(stages)
+                       if isinstance(s, dict) and "iterations" in s}
+        except (TypeError, ValueError, AttributeError):
+            raise UserError(f"{folder.config_path} is damaged (a stage's iterations is not a number)") from None
     for r in rows:  # a stage config.json does not describe: as far as it was logged
         lengths[r["stage"]] = max(lengths.get(r["stage"], 0), r["iteration"])
     offsets, total = {}, 0
@@ -42,11 +47,11 @@ def stage_offsets(run_dir: Path, rows: list[dict]) -> dict[int, int]:
 def load_curves(run_dir) -> dict:
     """{"name", "boundaries", "series": {key: (x, y)}} of one run folder; x = iteration across stages."""
     run_dir = Path(run_dir)
-    log = run_dir / "log.jsonl"
+    log = RunFolder(run_dir).log_path
     if not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}")
     if not log.is_file():
-        raise UserError(f"{run_dir} has no log.jsonl (is it a run folder?)")
+        raise UserError(f"{run_dir} has no {log.name} (is it a run folder?)")
     rows = []
     lines = log.read_text().splitlines()
     for n, line in enumerate(lines, 1):

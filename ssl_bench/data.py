@@ -28,6 +28,12 @@ CASES_DIR = "2018LA_Seg_Training Set"
 H5_NAME = "mri_norm2.h5"
 SUMS_NAME = "SHA256SUMS.h5.txt"
 DATASET_RECORD = "ssl_bench_dataset.json"  # written by `ssl-bench data import` (ssl_bench/importer.py)
+#: the largest volume any reader or writer of ssl-bench allocates (512³ = 134,217,728 voxels, 0.5 GiB as float32;
+#: an LA scan has about 29 million). Sizes read from a file (an h5 dataset's shape, a NIfTI header, a resampled
+#: shape) are checked against it before anything is allocated, so a hostile or damaged file is one line, not
+#: an out-of-memory kill
+MAX_VOXELS = 512 ** 3
+MAX_VOXELS_TEXT = f"{MAX_VOXELS:,} voxels (512³)"
 
 
 def resolve_root(data: str | os.PathLike | None) -> Path:
@@ -42,10 +48,31 @@ def resolve_root(data: str | os.PathLike | None) -> Path:
     return root
 
 
+def plain_name_problem(case_id: str) -> str | None:
+    """Why ``case_id`` cannot be a case id (it becomes a folder name and a line of a list), or None when it can:
+    a plain name has no path separator, no control character (a newline would split a list's line), no
+    surrounding blanks, does not start with a dot and fits a file name (255 bytes)."""
+    if not case_id or case_id != case_id.strip():
+        return "empty, or with blanks around it"
+    if "/" in case_id or "\\" in case_id:
+        return "it holds a path separator"
+    if any(ord(c) < 32 or ord(c) == 127 or 0x80 <= ord(c) < 0xA0 or c in "\u2028\u2029" for c in case_id):
+        return "it holds a control character or a line break"
+    if case_id.startswith("."):
+        return "it starts with a dot"
+    if len(case_id.encode("utf-8", "surrogateescape")) > 255:
+        return "it is longer than a file name may be (255 bytes)"
+    return None
+
+
 def _read_list(path: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"missing case list: {path}")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    ids = [line.strip() for line in path.read_text(errors="surrogateescape").splitlines() if line.strip()]
+    for n, case_id in enumerate(ids, 1):  # an id is a folder under the root: "../x" would read outside it
+        why = plain_name_problem(case_id)
+        if why:
+            raise UserError(f"case list {path}: id {case_id!r} (entry {n}) is not a plain name ({why})")
     if not ids:
         raise UserError(f"empty case list: {path}")
     if len(set(ids)) != len(ids):
@@ -59,6 +86,36 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_voxels(shape, what: str) -> None:
+    """Refuse a volume of more than MAX_VOXELS voxels (one line naming ``what``) before it is allocated."""
+    n = 1
+    for s in shape:
+        n *= max(int(s), 0)
+    if n > MAX_VOXELS:
+        dims = "×".join(str(int(s)) for s in shape)
+        raise UserError(f"{what}: a volume of {dims} = {n:,} voxels is larger than ssl-bench reads or writes "
+                        f"(at most {MAX_VOXELS_TEXT})")
+
+
+def write_case_h5(path: Path, image: np.ndarray, label: np.ndarray, spacing=None) -> None:
+    """One case file: ``image`` and ``label`` gzip-compressed (and ``spacing``, if given), without timestamps.
+
+    The HDF5 file is built in memory (h5py's core driver) and written with one plain ``write``, so that a full
+    disk is an ordinary OSError (ENOSPC) with nothing of HDF5 left to flush: a file-backed h5py file that fails
+    to write crashes the interpreter when it is closed (a segfault, issue 23). The bytes are those of a
+    file-backed write (same library, same layout), so derived and imported data sets keep their checksums.
+    """
+    with h5py.File(path.name, "w", driver="core", backing_store=False, track_order=False) as f:
+        f.create_dataset("image", data=image, compression="gzip", track_times=False)
+        f.create_dataset("label", data=label, compression="gzip", track_times=False)
+        if spacing is not None:
+            f.create_dataset("spacing", data=np.asarray(spacing, dtype=np.float64), track_times=False)
+        f.flush()
+        blob = f.id.get_file_image()
+    with open(path, "xb") as out:  # a new file inside the writer's temporary folder, never an existing one
+        out.write(blob)
 
 
 @dataclass(frozen=True)
@@ -181,6 +238,7 @@ class LAData:
                 shape_i, shape_l = f["image"].shape, f["label"].shape
                 if len(shape_i) != 3 or shape_i != shape_l:
                     raise UserError(f"case {case_id}: image shape {shape_i} and label shape {shape_l} differ or are not 3-D")
+                check_voxels(shape_i, f"case {case_id}: {path}")  # before a compressed dataset is inflated
                 img = np.asarray(f["image"][...], dtype=np.float32) if image else None
                 label = f["label"][...]
         except UserError:
@@ -214,7 +272,7 @@ class LAData:
         try:
             record = json.loads(path.read_text())
             settings = dict(record["settings"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise UserError(f"{path} is damaged ({type(exc).__name__}: {exc}); re-import the data set") from None
         return settings
 
@@ -229,7 +287,11 @@ class LAData:
             with h5py.File(path, "r") as f:
                 if "spacing" not in f:
                     return None
+                if f["spacing"].size != 3:  # checked before reading: a damaged file could declare any size
+                    raise UserError(f"case {case_id}: {path} has a spacing of shape {f['spacing'].shape}, not 3 values")
                 sp = np.asarray(f["spacing"][...], dtype=np.float64).ravel()
+        except UserError:
+            raise
         except Exception as exc:
             raise UserError(f"case {case_id}: cannot read {path} ({type(exc).__name__}: {exc})") from None
         if sp.shape != (3,) or not np.all(np.isfinite(sp) & (sp > 0)):

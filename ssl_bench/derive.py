@@ -23,10 +23,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from .data import CASES_DIR, DATASET_RECORD, H5_NAME, SUMS_NAME, LAData, sha256_file
+from .data import CASES_DIR, DATASET_RECORD, H5_NAME, SUMS_NAME, LAData, sha256_file, write_case_h5
 from .errors import UserError
 from .importer import LA_PATCH, LA_STRIDES, writing_dataset
 
@@ -114,9 +113,7 @@ def derive(src, out, *, zoom=0.5, patch=None, stride_xy: int | None = None, stri
                 raise UserError(f"case {cid}: {exc}") from None
             path = tmp / CASES_DIR / cid / H5_NAME
             path.parent.mkdir(parents=True)
-            with h5py.File(path, "w", track_order=False) as f:
-                f.create_dataset("image", data=img, compression="gzip", track_times=False)
-                f.create_dataset("label", data=lab, compression="gzip", track_times=False)
+            write_case_h5(path, img, lab)  # the bytes of a file-backed h5py write; a full disk is one line
             digest = sha256_file(path)
             per_case[cid] = {"source_shape": list(image.shape), "shape": list(img.shape),
                              "source_foreground_voxels": int(label.sum()), "foreground_voxels": int(lab.sum()),

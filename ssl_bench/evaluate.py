@@ -132,12 +132,12 @@ def evaluate_cases(prob_fn: Callable, net, data, case_ids, settings: EvalSetting
     n_windows = n_padded = 0
     bar = Progress(len(case_ids), label, enabled=progress, unit="case")
     try:
-        for n, case_id in enumerate(case_ids):
+        for n, case_id in enumerate(case_ids):  # the bar counts cases: n is the case's index
             image, gt = data.load(case_id)
             if image_fn is not None:
                 image = image_fn(case_id, image)
-            n, padded = window_counts(image.shape, settings, device)
-            n_windows, n_padded = n_windows + n, n_padded + (0 if reference_style else padded)
+            windows, padded = window_counts(image.shape, settings, device)
+            n_windows, n_padded = n_windows + windows, n_padded + (0 if reference_style else padded)
             t0 = time.perf_counter()
             prob = sliding_window(prob_fn, net, image, settings, device, reference_style)
             if device.type == "cuda":

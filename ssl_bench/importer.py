@@ -25,29 +25,49 @@ test cases included, as the LA release did; labelled so in the record) -> per-vo
 ``(x - mean) / std``. No other cropping; volumes smaller than the patch are padded by the training
 augmentation and the sliding-window evaluation as for LA.
 
-OUT is written to a temporary folder beside it and moved into place only when every case succeeded.
+OUT is written to a temporary folder beside it and moved into place only when every case succeeded; a
+failed write (a full disk) removes it and is one line.
+
+Bounds (untrusted sizes are checked before anything is allocated): a volume, as the NIfTI header declares it
+(the decompressed size of a .nii.gz) and after resampling, has at most ``MAX_VOXELS`` = 512³ voxels
+(ssl_bench/data.py); ``dataset.json`` is at most 64 MiB and nested at most a few hundred levels. Case ids must
+be plain names (no path separator, newline or other control character, no leading dot).
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from .data import CASES_DIR, DATASET_RECORD, H5_NAME, SUMS_NAME, sha256_file
+from .data import (CASES_DIR, DATASET_RECORD, H5_NAME, MAX_VOXELS, MAX_VOXELS_TEXT, SUMS_NAME, check_voxels,
+                   plain_name_problem, sha256_file, write_case_h5)
 from .errors import UserError
 
 RECORD_NAME = DATASET_RECORD
 FORMATS = ("nnunet",)
 LA_PATCH = (112, 112, 80)
 LA_STRIDES = (18, 4)
+#: dataset.json is metadata (MSD's lists every case: a few hundred KB); a larger file is not read
+MAX_JSON_BYTES = 64 << 20
+MAX_JSON_DEPTH = 64
+#: the most a NIfTI file may inflate to: a volume of MAX_VOXELS voxels of 8 bytes, and 64 MiB of header extensions
+MAX_NIFTI_BYTES = MAX_VOXELS * 8 + (64 << 20)
+#: a label value written as text (MSD's "1": "left atrium", or --label): ASCII digits only, "²" or "--1" are names
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line (h5py's and nibabel's messages can hold line breaks)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 @contextlib.contextmanager
@@ -61,15 +81,17 @@ def writing_dataset(out: Path, tag: str):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-", dir=out.parent))
     except OSError as exc:
-        raise UserError(f"cannot create {out} ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"cannot create {out} ({_one_line(exc)})") from None
     try:
         yield tmp
         if out.exists():
             out.rmdir()  # empty, checked by the caller
         os.replace(tmp, out)
     except OSError as exc:  # a full disk, permissions, OUT created meanwhile: nothing half-written
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write {out} ({type(exc).__name__}: {exc}); nothing was written") from None
+        shutil.rmtree(tmp, ignore_errors=True)  # frees what the partial data set took
+        full = " (the disk is full)" if getattr(exc, "errno", None) == errno.ENOSPC else ""
+        raise UserError(f"cannot write {out}{full} ({_one_line(exc)}); nothing was written and the temporary "
+                        f"folder is removed") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -82,12 +104,33 @@ def _read_dataset_json(src: Path) -> dict:
     if not path.is_file():
         raise UserError(f"missing dataset.json in {src} (is it an nnU-Net v2 raw data set folder?)")
     try:
-        meta = json.loads(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise UserError(f"{path} is {size:,} bytes; a dataset.json is metadata, at most {MAX_JSON_BYTES:,} bytes")
+        meta, deep = json.loads(path.read_text()), False
+    except RecursionError:  # Python's parser recurses once per level
+        meta, deep = None, True
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {path} ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"cannot read {path} ({_one_line(exc)})") from None
+    if deep or _depth(meta) > MAX_JSON_DEPTH:  # the record embeds it: json.dumps must not recurse out either
+        raise UserError(f"cannot read {path}: it is nested more than {MAX_JSON_DEPTH} levels deep, which no "
+                        f"dataset.json is")
     if not isinstance(meta, dict) or not isinstance(meta.get("labels"), dict) or not meta["labels"]:
         raise UserError(f"{path} has no \"labels\" mapping (nnU-Net v2 writes e.g. {{\"background\": 0, \"left atrium\": 1}})")
     return meta
+
+
+def _depth(obj) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, todo = 0, [(obj, 1)]
+    while todo:
+        item, d = todo.pop()
+        deepest = max(deepest, d)
+        if isinstance(item, dict):
+            todo.extend((v, d + 1) for v in item.values())
+        elif isinstance(item, list):
+            todo.extend((v, d + 1) for v in item)
+    return deepest
 
 
 def declared_labels(meta: dict) -> dict[int, str]:
@@ -100,11 +143,16 @@ def declared_labels(meta: dict) -> dict[int, str]:
             out[value] = str(key)
         elif isinstance(value, (list, tuple)):  # nnU-Net region-based labels: not a single value
             continue
-        elif isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        elif isinstance(key, str) and _INTEGER.fullmatch(key.strip()):
             out[int(key)] = str(value)
     if not out:
         raise UserError("dataset.json declares no integer label values")
     return out
+
+
+def _declared_text(labels: dict[int, str]) -> str:
+    """``0=background, 1=atrium``; a name that is not printable (a line break) shown quoted, so it stays one line."""
+    return ", ".join(f"{v}={n if n.isprintable() else repr(n)}" for v, n in sorted(labels.items()))
 
 
 def _foreground_values(label_opt: str | None, labels: dict[int, str]) -> tuple[list[int], str]:
@@ -115,16 +163,16 @@ def _foreground_values(label_opt: str | None, labels: dict[int, str]) -> tuple[l
         return fg, "every nonzero label (binary)"
     text = str(label_opt).strip()
     by_name = {name.lower(): v for v, name in labels.items()}
-    if text.lstrip("-").isdigit():
+    if _INTEGER.fullmatch(text):  # ASCII digits: "²" or "--1" is looked up as a name
         value = int(text)
     elif text.lower() in by_name:
         value = by_name[text.lower()]
     else:
         raise UserError(f"--label {label_opt!r}: no such label in dataset.json (declared: "
-                        f"{', '.join(f'{v}={n}' for v, n in sorted(labels.items()))})")
+                        f"{_declared_text(labels)})")
     if value not in labels:
         raise UserError(f"--label {value}: no such label value in dataset.json (declared: "
-                        f"{', '.join(f'{v}={n}' for v, n in sorted(labels.items()))})")
+                        f"{_declared_text(labels)})")
     if value == 0:
         raise UserError("--label 0 is the background; choose a foreground label")
     return [value], f"label {value} ({labels[value]})"
@@ -143,6 +191,12 @@ def _cases(src: Path, images: str, labels: str, ending: str, channel: int) -> di
                        if p.name.endswith(suffix) and not p.name.startswith("."))
     label_ids = sorted(p.name[: -len(ending)] for p in lab_dir.iterdir()
                        if p.name.endswith(ending) and not p.name.startswith("."))
+    for cid in image_ids + label_ids:  # before any message prints it: a newline would split that line
+        why = plain_name_problem(cid)
+        if why:
+            where = images if cid in image_ids else labels
+            raise UserError(f"case {cid!r} (from {where}/): a case id must be a plain name, and this one is not "
+                            f"({why}); rename the file")
     for cid in image_ids:
         if cid not in label_ids:
             raise UserError(f"case {cid}: image {images}/{cid}{suffix} has no label {labels}/{cid}{ending}")
@@ -151,22 +205,43 @@ def _cases(src: Path, images: str, labels: str, ending: str, channel: int) -> di
             raise UserError(f"case {cid}: label {labels}/{cid}{ending} has no image {images}/{cid}{suffix}")
     if not image_ids:
         raise UserError(f"no images named <case>{suffix} in {img_dir}")
-    for cid in image_ids:
-        if "/" in cid or cid.startswith(".") or cid != cid.strip():
-            raise UserError(f"case {cid!r}: this case id cannot be used as a folder name")
     return {cid: (img_dir / f"{cid}{suffix}", lab_dir / f"{cid}{ending}") for cid in image_ids}
+
+
+def _inflated_size(path: Path, limit: int) -> int | None:
+    """The bytes ``path`` decompresses to (its size when it is not gzip), counted 1 MiB at a time without keeping
+    them; None as soon as the count passes ``limit`` (a gzip bomb is stopped there, never allocated)."""
+    import gzip
+
+    with open(path, "rb") as raw:
+        if raw.read(2) != b"\x1f\x8b":  # not gzip: what is on disk is what is read
+            size = os.fstat(raw.fileno()).st_size
+            return size if size <= limit else None
+    total = 0
+    with gzip.open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            total += len(chunk)
+            if total > limit:
+                return None
+    return total
 
 
 def _load_nifti(case_id: str, path: Path, what: str):
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        if _inflated_size(path, MAX_NIFTI_BYTES) is None:
+            raise UserError(f"case {case_id}: {what} {path} decompresses to more than {MAX_NIFTI_BYTES:,} bytes "
+                            f"(a volume of at most {MAX_VOXELS_TEXT}); it is not read")
+        img = nib.load(str(path))  # the header only: the voxels are read below, after their count is checked
+        check_voxels(img.shape, f"case {case_id}: {what} {path} (its header)")
         data = np.asarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
         zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    except UserError:
+        raise
     except Exception as exc:  # nibabel raises ImageFileError/OSError/EOFError/zlib errors for damaged files
-        raise UserError(f"case {case_id}: cannot read {what} {path} ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"case {case_id}: cannot read {what} {path} ({_one_line(exc)})") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -178,11 +253,21 @@ def _load_nifti(case_id: str, path: Path, what: str):
 
 # ---------------------------------------------------------------- preprocessing
 
-def _resample(image: np.ndarray, label: np.ndarray, spacing, target):
+def resampled_shape(shape, spacing, target, what: str) -> tuple[int, int, int]:
+    """round(shape · spacing / target) per axis (at least 1), refused in one line before anything is allocated when
+    it has more than MAX_VOXELS voxels (a 1000 mm voxel resampled to 1 mm would need terabytes)."""
+    sizes = [n * (s / t) for n, s, t in zip(shape, spacing, target)]
+    if not all(math.isfinite(x) and x <= MAX_VOXELS for x in sizes):
+        raise UserError(f"{what}: resampling spacing {tuple(spacing)} to {tuple(target)} mm would give a volume "
+                        f"larger than ssl-bench reads or writes (at most {MAX_VOXELS_TEXT}); choose a coarser --spacing")
+    new_shape = tuple(max(int(round(x)), 1) for x in sizes)
+    check_voxels(new_shape, f"{what}: resampled to --spacing {','.join(f'{t:g}' for t in target)}")
+    return new_shape
+
+
+def _resample(image: np.ndarray, label: np.ndarray, new_shape):
     from scipy import ndimage
 
-    factors = [s / t for s, t in zip(spacing, target)]
-    new_shape = tuple(max(int(round(n * f)), 1) for n, f in zip(image.shape, factors))
     zoom = [n / o for n, o in zip(new_shape, image.shape)]
     image = ndimage.zoom(image.astype(np.float32), zoom, order=1)
     label = ndimage.zoom(label, zoom, order=0)
@@ -217,7 +302,8 @@ def _process_case(case_id, img_path, lab_path, fg_values, declared, target_spaci
     source_shape = tuple(int(s) for s in image.shape)
     out_spacing = tuple(spacing)
     if target_spacing is not None:
-        image, raw_label = _resample(image, raw_label, spacing, target_spacing)
+        new_shape = resampled_shape(source_shape, spacing, target_spacing, f"case {case_id}")
+        image, raw_label = _resample(image, raw_label, new_shape)
         out_spacing = tuple(float(t) for t in target_spacing)
     label = np.isin(raw_label, fg_values).astype(np.uint8)
     crop = None
@@ -348,10 +434,7 @@ def import_nnunet(src, out, *, label: str | None = None, test_fraction: float | 
                                 f"undefined: leave it out with --test-list, or choose another --label")
             path = tmp / CASES_DIR / cid / H5_NAME
             path.parent.mkdir(parents=True)
-            with h5py.File(path, "w", track_order=False) as f:
-                f.create_dataset("image", data=image, compression="gzip", track_times=False)
-                f.create_dataset("label", data=lab, compression="gzip", track_times=False)
-                f.create_dataset("spacing", data=np.asarray(sp, dtype=np.float64), track_times=False)
+            write_case_h5(path, image, lab, sp)  # a full disk: an OSError, one line from writing_dataset
             info["sha256"] = sha256_file(path)
             per_case[cid] = info
             sums.append(f"{info['sha256']}  ./{cid}/{H5_NAME}")

@@ -213,10 +213,17 @@ def sigmoid_rampup(current: float, length: float) -> float:
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
+def ema_update(teacher: nn.Module, student: nn.Module, alpha: float, fused: bool = True) -> None:
     """In-place EMA of parameters, docs/methods.md §3.2 item 8 (also BCP with fixed α = 0.99).
 
         θ_T ← α·θ_T + (1 - α)·θ_S
+
+    in the arithmetic of the method's reference, which decides the float rounding:
+
+    * ``fused=True``: ``θ_T.mul_(α).add_(θ_S, alpha=1 - α)``, UA-MT's ``update_ema_variables``
+      (``ema_param.data.mul_(alpha).add_(1 - alpha, param.data)``, the old spelling of the same call);
+    * ``fused=False``: ``θ_T.mul_(α).add_((1 - α) * θ_S)``, BCP's ``update_ema_variables``: the product
+      (1 - α)·θ_S is rounded to float32 before the addition (up to 1.8e-7 apart after 30 steps).
 
     Parameters only: buffers (BatchNorm running statistics, ``num_batches_tracked``) are
     left untouched. ``alpha == 0`` copies the student's parameters exactly (UA-MT at
@@ -239,7 +246,10 @@ def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
         torch._foreach_copy_(t_params, s_data)
     elif alpha != 1.0:
         torch._foreach_mul_(t_params, alpha)
-        torch._foreach_add_(t_params, s_data, alpha=1.0 - alpha)
+        if fused:
+            torch._foreach_add_(t_params, s_data, alpha=1.0 - alpha)
+        else:  # BCP: (1 - α)·θ_S as its own float32 tensor, then added
+            torch._foreach_add_(t_params, torch._foreach_mul(s_data, 1.0 - alpha))
 
 
 def uamt_ema_alpha(iteration0: int, cap: float = 0.99) -> float:
@@ -304,10 +314,13 @@ def signed_distance_target(labels: Union[np.ndarray, torch.Tensor]) -> torch.Ten
       EDT of an all-ones mask is not meaningful, and the reference code yields NaN here).
       An all-foreground sample therefore gets an all-zero target.
 
-    The distances come from ``edt`` (exact, multi-threaded; one pass over a two-label volume gives
-    both transforms: each voxel's distance to the nearest voxel of the other class, which is scipy's
-    EDT(fg) on foreground and EDT(bg) on background). Equal to the scipy definition within 1e-5
-    (tests/test_host.py); about 10x faster, which matters as DTC and SASSNet compute it every iteration.
+    The squared distances come from ``edt`` (exact integers, multi-threaded; one pass over a two-label
+    volume gives both transforms: each voxel's squared distance to the nearest voxel of the other
+    class, which is scipy's EDT(fg)² on foreground and EDT(bg)² on background); about 10x faster than
+    scipy, which matters as DTC and SASSNet compute it every iteration. As in the reference, the square
+    root and the normalisation are computed in float64 and the result is cast to float32 once (the
+    reference's ``torch.from_numpy(gt_dis).float()``), so the target is bit-identical to the reference
+    ``compute_sdf`` (tests/test_dtc.py); normalising in float32 left about 31 % of voxels 1 ulp off.
 
     Returns a float32 tensor of the same shape, on ``labels``' device (CPU for numpy).
     """
@@ -336,17 +349,18 @@ def _sdf_sample(sample: np.ndarray, threads: int) -> Optional[np.ndarray]:
     bg = ~fg
     if not bg.any():
         return np.zeros(fg.shape, dtype=np.float32)  # both normalised terms are 0 (docstring)
-    dist = _two_class_edt(fg, threads)
+    dist = _two_class_edt(fg, threads)  # float64, as scipy's
     # norm(EDT(bg)) - norm(EDT(fg)) without materialising either term: each term is 0 on the other class, so
     # its min is 0 and its max is the max of `dist` over its own class (>= 1: both classes are present), and
-    # the difference is dist/max_bg on background and -dist/max_fg on foreground (float32, within 1e-6)
-    zero = np.float32(0.0)
+    # the difference is dist/max_bg on background and -dist/max_fg on foreground: in float64 exactly the
+    # reference's (x - 0)/(max - 0) - 0 and 0 - (y - 0)/(max - 0), as subtracting 0 is exact
+    zero = np.float64(0.0)
     neg_max = np.max(np.where(bg, dist, zero))  # max EDT(bg)
     pos_max = np.max(np.where(fg, dist, zero))  # max EDT(fg)
     neg_term, pos_term = dist / neg_max, dist / pos_max
     sdm = np.where(bg, neg_term, -pos_term)
     sdm[inner_boundary(fg)] = 0.0
-    return sdm
+    return sdm.astype(np.float32)  # one rounding, as the reference's .float() of its float64 array
 
 
 def _edt_threads() -> int:
@@ -358,9 +372,12 @@ def _edt_threads() -> int:
 
 
 def _two_class_edt(fg: np.ndarray, threads: int = 1) -> np.ndarray:
-    """Per voxel, the Euclidean distance (voxel units) to the nearest voxel of the other class (``edt``'s float32).
+    """Per voxel, the Euclidean distance (voxel units) to the nearest voxel of the other class, float64.
 
-    ``fg`` must hold both classes. Arrays of more than 3 dimensions (never a training batch) use scipy.
+    scipy's value exactly: ``edt.edtsq`` gives the squared distance, an integer held exactly in float32 (below
+    2^24, a distance of 4096 voxels), and its float64 square root is what scipy computes from the same
+    integer. (``edt.edt``'s float32 root rounds differently.) ``fg`` must hold both classes. Arrays of more
+    than 3 dimensions (never a training batch) use scipy.
     """
     if fg.ndim > 3:
         from scipy.ndimage import distance_transform_edt
@@ -369,4 +386,4 @@ def _two_class_edt(fg: np.ndarray, threads: int = 1) -> np.ndarray:
     import edt
 
     two = np.ascontiguousarray(fg, dtype=np.uint8) + np.uint8(1)  # 1 background, 2 foreground: no 0 voxels
-    return edt.edt(two, black_border=False, parallel=threads)
+    return np.sqrt(edt.edtsq(two, black_border=False, parallel=threads).astype(np.float64))

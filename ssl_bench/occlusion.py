@@ -21,10 +21,14 @@ reproduces the clean numbers exactly.
 Output folder::
 
     occlusion_per_case.csv   tidy: run, method, labeled, seed, protocol, precision, variant, ratio, repeat,
-                             case, post (raw, lcc), paper_post, dice, jaccard, hd95, asd, empty
-    occlusion_summary.csv    per run, ratio and post: mean ± std over repeats of the per-case-mean metrics
-    occlusion.json           settings, runs, skipped (case, ratio), the ratio-0 check, the summary table;
+                             case, post (raw, lcc), paper_post, dice, jaccard, hd95, asd, empty, units
+    occlusion_summary.csv    per run, ratio and post: mean ± sample std over repeats of the per-case-mean metrics,
+                             then units
+    occlusion.json           settings, units, runs, skipped (case, ratio), the ratio-0 check, the summary table;
                              written first with "status": "running", last with "complete"
+
+hd95 and asd are in the runs' ``units`` (voxel, or mm under ``--units mm``): every run of one call must have
+the same, and the files say which.
     boxes.csv                every (ratio, repeat, case) box: volume shape, origin, sides, skip reason
     fig3.png, fig3.pdf       Dice against occluded proportion (built from occlusion_per_case.csv alone)
     fig3_data.csv            the numbers drawn in fig3
@@ -47,6 +51,7 @@ import click
 import numpy as np
 
 from .errors import UserError
+from .run_folder import RunFolder
 
 VARIANTS = ("volume", "code")
 #: §3.7.8: variant B proportions {0.05, 0.1, ..., 0.5}; variant A ratios {0.1, ..., 0.5} (0 is always added)
@@ -59,7 +64,7 @@ SUMMARY = "occlusion_summary.csv"
 BOXES = "boxes.csv"
 METRIC_COLS = ("dice", "jaccard", "hd95", "asd")
 TIDY_COLS = ("run", "method", "labeled", "seed", "protocol", "precision", "variant", "ratio", "repeat", "case", "post",
-             "paper_post", *METRIC_COLS, "empty")
+             "paper_post", *METRIC_COLS, "empty", "units")  # units last: columns are only ever appended
 BOX_COLS = ("variant", "occlusion_seed", "ratio", "repeat", "case", "dim_x", "dim_y", "dim_z",
             "x0", "y0", "z0", "sx", "sy", "sz", "occluded_fraction", "skipped", "reason")
 
@@ -213,11 +218,11 @@ class RunInfo:
     profile: str
     paper_post: str
     precision: str  # the run's declared (or, for an older folder, inferred) numerics, Decision 7
+    units: str = "voxel"  # of hd95 and asd: "voxel" or "mm" (the run's --units)
 
 
 def _load_runs(run_dirs, data_dir, device: str) -> list[RunInfo]:
-    from .runs import read_json
-    from .trainer import load_run
+    from .evaluation import load_run
 
     runs, seen, names = [], set(), set()
     for d in run_dirs:
@@ -228,9 +233,9 @@ def _load_runs(run_dirs, data_dir, device: str) -> list[RunInfo]:
             raise UserError(f"run folder given twice: {d}")
         seen.add(path)
         trainer = load_run(path, data_dir, device, progress=False)
-        summary_path = path / "summary.json"
+        folder = RunFolder(path)
         stage = trainer.stages[-1]
-        paper_post = (read_json(summary_path).get("paper_post") if summary_path.is_file() else None) \
+        paper_post = (folder.read_summary().get("paper_post") if folder.is_finished() else None) \
             or ("lcc" if stage.paper_lcc else "raw")
         name, k = path.name, 2
         while name in names:  # two folders with the same name under different parents
@@ -238,15 +243,17 @@ def _load_runs(run_dirs, data_dir, device: str) -> list[RunInfo]:
         names.add(name)
         cfg = trainer.cfg
         runs.append(RunInfo(path, name, trainer, trainer.spec.name, cfg.labeled, cfg.seed, cfg.protocol,
-                            cfg.profile, paper_post, cfg.precision))
+                            cfg.profile, paper_post, cfg.precision, getattr(cfg, "units", None) or "voxel"))
     return runs
 
 
 def _check_comparable(runs: list[RunInfo], variant: str) -> list[str]:
     """Every run must be evaluated on the same test cases (and, for variant A, the same patch bounds)."""
-    from .runs import read_json
-
     first = runs[0]
+    for r in runs[1:]:  # one hd95/asd column holds one unit
+        if r.units != first.units:
+            raise UserError(f"runs with different distance units: {first.path.name} gives 95HD/ASD in {first.units}, "
+                            f"{r.path.name} in {r.units}; occlude them in separate calls")
     test_ids = list(first.trainer.test_ids)
     for r in runs[1:]:
         ids = list(r.trainer.test_ids)
@@ -255,7 +262,7 @@ def _check_comparable(runs: list[RunInfo], variant: str) -> list[str]:
                             f"case(s) starting {test_ids[:1]}, {r.path.name} has {len(ids)} starting {ids[:1]}")
     sums = {}
     for r in runs:  # the same ids must also be the same files (checksums recorded at training time)
-        recorded = read_json(r.path / "config.json").get("data", {}).get("sha256", {})
+        recorded = RunFolder(r.path).read_config().get("data", {}).get("sha256", {})
         for case in test_ids:
             if case in recorded:
                 if sums.setdefault(case, (recorded[case], r.path.name))[0] != recorded[case]:
@@ -334,7 +341,7 @@ def _panel_choice(plan, data):
 
 def _clean_check(run: RunInfo, rows: list[dict]) -> dict:
     """Ratio 0 against the run's own metrics_per_case.csv (written by `ssl-bench run` / `eval`)."""
-    path = run.path / "metrics_per_case.csv"
+    path = RunFolder(run.path).metrics_path()
     if not path.is_file():
         return {"compared": 0, "identical": None, "max_abs_diff": None}
     clean = {(r["case"], r["post"]): r for r in csv.DictReader(path.open())}
@@ -354,20 +361,25 @@ def _clean_check(run: RunInfo, rows: list[dict]) -> dict:
 
 
 def summarize_occlusion(rows: list[dict]) -> list[dict]:
-    """Per run, ratio and post: mean ± std (population, over repeats) of the per-case-mean metrics."""
+    """Per run, ratio and post: mean ± sample std (n − 1, over repeats; 0 for one repeat) of the per-case-mean
+    metrics: the std of docs/methods.md §3.7.8, as in Fig. 3 (ssl_bench.report_rows.fig3_table)."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
     keys = ["run", "method", "labeled", "seed", "protocol", "precision", "variant", "ratio", "post", "paper_post"]
+    extra = {"units": ("units", "first")} if "units" in df else {}
     per_repeat = df.groupby(keys + ["repeat"], sort=False).agg(
-        n_cases=("case", "size"), n_empty=("empty", "sum"), **{m: (m, "mean") for m in METRIC_COLS}).reset_index()
+        n_cases=("case", "size"), n_empty=("empty", "sum"), **{m: (m, "mean") for m in METRIC_COLS},
+        **extra).reset_index()
     out = []
     for key, g in per_repeat.groupby(keys, sort=False):
         row = dict(zip(keys, key))
         row.update({"n_repeats": len(g), "n_cases": int(g["n_cases"].max()), "n_empty": int(g["n_empty"].sum())})
         for m in METRIC_COLS:
             row[f"{m}_mean"] = float(g[m].mean())
-            row[f"{m}_std"] = float(g[m].std(ddof=0))
+            row[f"{m}_std"] = float(g[m].std(ddof=1)) if len(g) > 1 else 0.0
+        if extra:  # of hd95/asd; appended, so the columns before it keep their places
+            row["units"] = g["units"].iloc[0]
         out.append(row)
     return out
 
@@ -407,11 +419,11 @@ def run_occlusion(run_dirs, ratios: str | None = None, step: float = 0.1, repeat
         "status": "running", "variant": variant, "protocol_section": "docs/methods.md §3.7.8", "occlusion_seed": seed,
         "ratios": ratio_list, "ratios_arg": ratio_text, "step": step, "repeats": repeats,
         "ratio0_repeats": 1, "fill_value": 0.0, "training_patch": list(patch) if variant == "code" else None,
-        "std": "population std over repeats of the per-case-mean metric",
-        "data": str(data.root), "test_cases": test_ids,
+        "std": "sample std (n - 1) over repeats of the per-case-mean metric; 0 for one repeat",
+        "data": str(data.root), "test_cases": test_ids, "units": runs[0].units,
         "runs": [{"run": r.name, "path": str(r.path), "method": r.method, "labeled": r.labeled, "seed": r.seed,
                   "protocol": r.protocol, "profile": r.profile, "paper_post": r.paper_post,
-                  "precision": r.precision, "fast": r.trainer.cfg.fast, "numerics": r.trainer.numerics(),
+                  "precision": r.precision, "units": r.units, "fast": r.trainer.cfg.fast, "numerics": r.trainer.numerics(),
                   "device": str(r.trainer.device)} for r in runs],
         "skipped": list(skipped.values()),
         "panel": {"case": shown[2], "ratio": shown[0], "repeat": shown[1], "z": shown[4]} if shown else None,
@@ -442,7 +454,7 @@ def run_occlusion(run_dirs, ratios: str | None = None, step: float = 0.1, repeat
                                  "protocol": run.protocol, "precision": run.precision, "variant": variant,
                                  "ratio": ratio, "repeat": repeat,
                                  "case": case, "post": r["post"], "paper_post": r["post"] == run.paper_post,
-                                 **{m: r[m] for m in METRIC_COLS}, "empty": bool(r["empty"])})
+                                 **{m: r[m] for m in METRIC_COLS}, "empty": bool(r["empty"]), "units": run.units})
                 done += 1
                 bar.update(done, f"{run.name} ratio {ratio:g} repeat {repeat}")
             checks[run.name] = _clean_check(run, [r for r in rows if r["run"] == run.name])
@@ -556,7 +568,7 @@ def occlusion_command(run_dirs, experiment, runs_dir, ratios, step, repeats, var
         if exp.occlusion is None:
             raise UserError(f"experiment {exp.name} has no [occlusion] section")
         run_dirs = [cell.run_dir(runs_dir) for cell in exp.cells]
-        missing = [str(d) for d in run_dirs if not (d / "summary.json").is_file()]
+        missing = [str(d) for d in run_dirs if not RunFolder(d).is_finished()]
         if missing:
             raise UserError(f"{len(missing)} of {len(run_dirs)} runs of {exp.name} are not finished, e.g. {missing[0]}; "
                             f"train them with `ssl-bench sweep {exp.name}`")

@@ -1,5 +1,8 @@
 """Figures of the occlusion test (docs/methods.md §3.7.8): the paper's Fig. 3 and a qualitative panel.
 
+Fig. 3 has one pipeline: ``ssl-bench occlusion`` (:func:`plot_fig3`) and ``ssl-bench report`` both compute its
+table with ssl_bench.report_rows.fig3_table and draw it with :func:`draw_fig3`.
+
 Both are drawn from stored files alone (``occlusion_per_case.csv``, ``panel.npz``), so a figure can
 be rebuilt or restyled without evaluating anything. Figures are built on ``matplotlib.figure.Figure``
 (no pyplot, no global backend or style change) and written atomically.
@@ -16,7 +19,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
+from . import published
 from .errors import UserError
+from .report_rows import fig3_table, own_post_rows
 from .runs import atomic_savefig, atomic_write
 
 X_LABEL = {"volume": "occluded proportion of the volume (%)",
@@ -28,67 +33,73 @@ def _save_figure(fig: Figure, path: Path, fmt: str) -> None:
     atomic_savefig(fig, path, dpi=200)
 
 
-def _line_labels(df: pd.DataFrame) -> pd.Series:
-    """One line per method; the labeled count and protocol join the name only where they vary."""
-    label = df["method"].astype(str)
-    if df["labeled"].nunique() > 1:
-        label = label + " L" + df["labeled"].astype(str)
-    if df["protocol"].nunique() > 1:
-        label = label + " (" + df["protocol"].astype(str) + ")"
-    return label
+def _line_label(method: str, protocol: str, precision: str, varies: dict, paper: str | None) -> str:
+    """A line's name: the method, with its protocol and precision where those vary in the figure."""
+    label = published.display_name(method, paper)
+    extra = [v for k, v in (("protocol", protocol), ("precision", precision)) if varies[k]]
+    return label + (f" ({', '.join(extra)})" if extra else "")
 
 
-def fig3_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Per method and ratio: mean ± std (population) of the per-case-mean Dice over runs (seeds) × repeats.
+def fig3_figure(table: pd.DataFrame, variant: str, paper: str | None = None, note: str = "") -> Figure:
+    """Fig. 3 from ssl_bench.report_rows.fig3_table's table: one panel per labeled count, one line per (method,
+    protocol, precision) with a mean ± std band (sample std over repeats; none where one repeat, as at ratio 0)."""
+    if variant not in X_LABEL:
+        raise UserError(f"unknown occlusion variant {variant!r}; choose {' or '.join(X_LABEL)}")
+    varies = {k: table[k].nunique() > 1 for k in ("protocol", "precision")}
+    lines = list(dict.fromkeys(zip(table["method"], table["protocol"], table["precision"])))
+    palette = dict(zip(lines, sns.color_palette("colorblind", len(lines))))
+    labeled = sorted(table["labeled"].unique())
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
+        fig = Figure(figsize=(max(5.5, 4.8 * len(labeled)), 4.0))
+        axes = fig.subplots(1, len(labeled), squeeze=False, sharey=True)[0]
+        for ax, n in zip(axes, labeled):
+            sub = table[table["labeled"] == n]
+            for line in lines:
+                g = sub[(sub["method"] == line[0]) & (sub["protocol"] == line[1]) & (sub["precision"] == line[2])]
+                if g.empty:
+                    continue
+                g = g.sort_values("ratio")
+                x, y, s = 100 * g["ratio"], 100 * g["dice_mean"], 100 * g["dice_std"].fillna(0)
+                ax.plot(x, y, marker="o", markersize=3, color=palette[line],
+                        label=_line_label(*line, varies=varies, paper=paper))
+                ax.fill_between(x, y - s, y + s, color=palette[line], alpha=0.2, linewidth=0)
+            ax.set_title(f"{n} labeled", fontsize=9)
+            ax.set_xlabel(X_LABEL[variant])
+        axes[0].set_ylabel("Dice (%)")
+        axes[-1].legend(title=None, fontsize=7)
+        fig.suptitle(f"Occlusion robustness ({VARIANT_NAME[variant]})\nmean ± std (n−1) over repeats of the case-mean "
+                     f"Dice, averaged over seeds{note}", fontsize=9)
+    return fig
 
-    Only each method's own post-processing (``paper_post``, Decisions 3) is drawn.
-    """
-    df = df[df["paper_post"].astype(str) == "True"].copy()
-    if df.empty:
-        raise UserError("the occlusion CSV has no rows with the methods' own post-processing (paper_post)")
-    df["label"] = _line_labels(df)
-    per_repeat = df.groupby(["label", "run", "ratio", "repeat"], sort=False)["dice"].mean()
-    g = per_repeat.groupby(level=["label", "ratio"], sort=False)
-    runs = per_repeat.reset_index().groupby(["label", "ratio"], sort=False)["run"].nunique()
-    table = pd.DataFrame({"dice_mean": g.mean(), "dice_std": g.std(ddof=0), "n_runs": runs, "n_samples": g.size()})
-    table = table.reset_index()
-    order = {label: i for i, label in enumerate(dict.fromkeys(df["label"]))}  # methods in the order given
-    table = table.assign(_order=table["label"].map(order)).sort_values(["_order", "ratio"], kind="stable")
-    return table.drop(columns="_order").reset_index(drop=True)
+
+def draw_fig3(table: pd.DataFrame, variant: str, stem, paper: str | None = None, note: str = "") -> list[Path]:
+    """:func:`fig3_figure` written to ``stem``.png and ``stem``.pdf (atomically); returns both paths."""
+    fig = fig3_figure(table, variant, paper, note)
+    stem = Path(stem)
+    written = []
+    for ext in ("png", "pdf"):
+        path = stem.with_name(f"{stem.name}.{ext}")
+        _save_figure(fig, path, ext)
+        written.append(path)
+    return written
 
 
 def plot_fig3(csv_path, out_prefix) -> pd.DataFrame:
-    """Dice against occluded proportion, one line per method with a mean ± std band → ``out_prefix``.png/.pdf.
+    """Fig. 3 of an ``ssl-bench occlusion`` output → ``out_prefix``.png/.pdf; returns the table it drew
+    (ssl_bench.report_rows.fig3_table, the same as ``ssl-bench report``'s occlusion.csv).
 
-    Reads only the tidy CSV written by ``ssl-bench occlusion``; returns the table it drew.
+    Reads only the tidy CSV written by ``ssl-bench occlusion``; only each method's own post-processing
+    (``paper_post``, Decisions 3) is drawn.
     """
     df = pd.read_csv(csv_path)
     variants = sorted(df["variant"].unique())
     if len(variants) != 1:
         raise UserError(f"{csv_path}: one occlusion variant per figure, found {variants}")
-    variant = variants[0]
-    table = fig3_table(df)
-    labels = list(dict.fromkeys(table["label"]))
-    palette = dict(zip(labels, sns.color_palette("colorblind", len(labels))))
-    plot = table.assign(x=100 * table["ratio"], y=100 * table["dice_mean"], s=100 * table["dice_std"])
-    with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
-        fig = Figure(figsize=(5.5, 4.0))
-        ax = fig.add_subplot()
-        sns.lineplot(data=plot, x="x", y="y", hue="label", hue_order=labels, palette=palette, marker="o",
-                     errorbar=None, ax=ax)
-        for label in labels:
-            sel = plot[plot["label"] == label]
-            ax.fill_between(sel["x"], sel["y"] - sel["s"], sel["y"] + sel["s"], color=palette[label], alpha=0.2,
-                            linewidth=0)
-        ax.set_xlabel(X_LABEL[variant])
-        ax.set_ylabel("Dice (%)")
-        n_rep = int(df["repeat"].max()) + 1
-        ax.set_title(f"Occlusion robustness ({VARIANT_NAME[variant]})\n"
-                     f"mean ± std over seeds × {n_rep} repeat(s), {df['case'].nunique()} test case(s)", fontsize=9)
-        ax.legend(title=None, fontsize=8)
-    out_prefix = Path(out_prefix)
-    _save_figure(fig, out_prefix.with_name(out_prefix.name + ".png"), "png")
-    _save_figure(fig, out_prefix.with_name(out_prefix.name + ".pdf"), "pdf")
+    own = own_post_rows(df)
+    if own.empty:
+        raise UserError("the occlusion CSV has no rows with the methods' own post-processing (paper_post)")
+    table = fig3_table(own)
+    draw_fig3(table, variants[0], out_prefix, note=f", {df['case'].nunique()} test case(s)")
     return table
 
 

@@ -8,8 +8,13 @@ Two ways to add a method without a fork (README "Your method beside the seven"):
 - ``SSL_BENCH_PLUGINS=module[,module...]`` names importable modules that are not packaged (quick local
   work). The variable is handed on to the Ray workers of ``ssl-bench sweep``.
 
-A plugin that fails to import is an error (one line naming the plugin and the error; exit 2 from the
-command line), never skipped. A method name that is already registered is refused.
+``SSL_BENCH_PLUGINS=`` set but empty (or blank) is the switch that turns the entry-point plugins off: only
+the built-in methods are registered (e.g. to get past a broken installed plugin).
+
+A plugin that fails to import is an error (one line naming the plugin and the error, and for an entry
+point the switch; exit 2 from the command line), never skipped. ``ssl-bench methods`` still lists the
+methods that did load before it names the broken plugin (:func:`collecting_failures`). A method name that
+is already registered is refused.
 """
 from __future__ import annotations
 
@@ -28,6 +33,10 @@ BUILTIN = "built-in"
 _current_origin: list[str] = []
 #: plugin modules imported so far -> their origin
 _loaded: dict[str, str] = {}
+#: while ``collecting_failures`` is active: the one-line errors of the plugins that failed (else they raise)
+_collecting: list[list[str]] = []
+#: said in the error line of a broken entry-point plugin
+SWITCH = f"{ENV}= (set and empty) switches entry-point plugins off"
 
 
 class PluginError(UserError):
@@ -42,6 +51,24 @@ def one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     first = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def entry_points_enabled() -> bool:
+    """False when ``SSL_BENCH_PLUGINS`` is set but empty (or blank): the switch that turns entry-point plugins off."""
+    value = os.environ.get(ENV)
+    return value is None or bool(value.strip())
+
+
+@contextmanager
+def collecting_failures():
+    """Within the block a plugin that fails to load is skipped and its one-line error appended to the yielded list
+    (``ssl-bench methods``: list what works, then name what does not); everywhere else it raises."""
+    failures: list[str] = []
+    _collecting.append(failures)
+    try:
+        yield failures
+    finally:
+        _collecting.pop()
 
 
 def env_modules(value: str | None = None) -> list[str]:
@@ -70,21 +97,22 @@ def _registering_as(origin: str):
         _current_origin.pop()
 
 
-def _import(module: str, origin: str, registry: dict) -> None:
+def _import(module: str, origin: str, registry: dict, entry_point: bool = False) -> None:
     if module in _loaded:
         return
     before = set(registry)
+    hint = f"; {SWITCH}" if entry_point else ""  # the way past a broken installed plugin
     with _registering_as(origin):
         try:
             importlib.import_module(module)
         except PluginError as exc:
             _rollback(registry, before)
             if module in str(exc):  # a name clash already names where the method came from
-                raise
-            raise PluginError(f"plugin {module!r} ({origin}): {exc}") from None
+                raise PluginError(f"{exc}{hint}") from None
+            raise PluginError(f"plugin {module!r} ({origin}): {exc}{hint}") from None
         except Exception as exc:  # noqa: BLE001  (any import failure is reported, never skipped)
             _rollback(registry, before)
-            raise PluginError(f"plugin {module!r} ({origin}) failed to import: {one_line(exc)}") from exc
+            raise PluginError(f"plugin {module!r} ({origin}) failed to import: {one_line(exc)}{hint}") from exc
     _loaded[module] = origin
     # methods the module registered while it was imported earlier by other means (e.g. a test's import)
     for name, spec in list(registry.items()):
@@ -99,8 +127,14 @@ def _rollback(registry: dict, before: set) -> None:
 
 
 def load_plugins(registry: dict) -> None:
-    """Import every entry-point plugin, then every ``SSL_BENCH_PLUGINS`` module (each module once)."""
-    for module, origin in entry_point_plugins():
-        _import(module, origin, registry)
-    for module in env_modules():
-        _import(module, f"{ENV} module {module}", registry)
+    """Import every entry-point plugin (unless switched off: ``SSL_BENCH_PLUGINS=``), then every ``SSL_BENCH_PLUGINS``
+    module (each module once). A failure raises, or within :func:`collecting_failures` is recorded and skipped."""
+    plugins = [(m, o, True) for m, o in (entry_point_plugins() if entry_points_enabled() else [])]
+    plugins += [(m, f"{ENV} module {m}", False) for m in env_modules()]
+    for module, origin, entry_point in plugins:
+        try:
+            _import(module, origin, registry, entry_point)
+        except PluginError as exc:
+            if not _collecting:
+                raise
+            _collecting[-1].append(str(exc))

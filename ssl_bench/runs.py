@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import fcntl
+import glob
 import json
 import os
 import pickle
@@ -82,6 +83,30 @@ class WriteError(UserError):
                          f"file system) and try again")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: a process of another user holds that pid
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove what a killed writer of ``path`` left beside it: ``.NAME.PID.*`` temporary files (regular files
+    only, never through a link) whose process no longer runs. A live writer's file is never touched."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[^/]*")
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        m = pattern.fullmatch(leftover.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            try:
+                if stat.S_ISREG(os.lstat(leftover).st_mode):
+                    leftover.unlink()
+            except OSError:
+                pass  # gone meanwhile, or not ours to remove: the write itself goes on
+
+
 def atomic_write(path: Path, write, replace: bool = True) -> str | None:
     """``write(tmp_path)`` into a temporary file beside ``path`` (same suffix), then rename it over ``path``.
 
@@ -92,7 +117,8 @@ def atomic_write(path: Path, write, replace: bool = True) -> str | None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+        remove_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=path.suffix, dir=path.parent)
         os.close(fd)
     except OSError as exc:
         raise WriteError(path, exc) from None
@@ -151,6 +177,7 @@ def save_checkpoint(obj, folder: Path) -> None:
         kept = "the previous checkpoint is intact" if last.is_file() else "nothing was changed"
         raise UserError(f"checkpoint not written: cannot write {last} ({exc.reason}); {kept}: free space (or fix "
                         f"the file system) and continue with --resume") from None
+    remove_stale_temporaries(folder / PREVIOUS)
     keep = folder / f".{PREVIOUS}.{os.getpid()}.tmp"
     try:
         if last.is_file():

@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from . import published
-from .report import Row, fmt, fmt_stats, markdown_table, metric_stats
+from .report_format import fmt, fmt_stats, markdown_table
+from .report_rows import Row, metric_stats
 
 PROTOCOL_HEADER = ["Method", "Labeled", "Precision", "Honest Dice (%)", "Literature Dice (%)", "Val Dice (%)",
                    "Seeds honest / literature / val"]

@@ -13,6 +13,9 @@
   the run folder from its last checkpoint. A cell that still fails is recorded as failed; the others
   go on. Attempts and tracebacks go to ``<runs-dir>/_sweeps/<experiment>/logs/<cell>.log``, the
   outcome of every cell to ``<runs-dir>/_sweeps/<experiment>/status.json``.
+- Before anything is trained, every cell is checked against the data set (its labeled count, validation
+  cases and ``--units mm`` against the data set's lists and spacings; also under ``--dry-run`` when the data
+  is there): an impossible cell is one line and exit 2, not a trial that Ray retries.
 - Multi-stage cells that reuse another cell's stage 1 (``--teacher``, see
   ssl_bench.experiments.STAGE1_PROVIDERS) run in a later wave, after the cells they depend on; a
   cell whose provider failed is not started.
@@ -40,7 +43,8 @@ import click
 
 from .errors import UserError
 from .experiments import ADDED_DEFAULTS, Cell, load_experiment, same_run, wave_index
-from .runs import atomic_write_json, lock_folder, open_append, read_json, require_regular
+from .run_folder import CONFIG, SUMMARY, RunFolder
+from .runs import atomic_write_json, lock_folder, open_append, require_regular
 
 ATTEMPT = "attempt "
 ERROR = "error: "
@@ -94,25 +98,25 @@ def classify(cells: list[Cell], runs_dir: Path, gpus_per_trial: float, resume: b
     for cell in cells:
         out = cell.run_dir(runs_dir)
         wanted = cell_config(cell, runs_dir, gpus_per_trial, dataset_defaults)
-        stored_path = out / "config.json"
-        if (out / "summary.json").is_file():
-            if not stored_path.is_file():
-                problems.append(f"{out} has summary.json but no config.json")
+        folder = RunFolder(out)
+        if folder.is_finished():
+            if not folder.has_config():
+                problems.append(f"{out} has {SUMMARY} but no {CONFIG}")
                 continue
-            stored = read_json(stored_path)
+            stored = folder.read_config()
             diff = same_run(stored["config"], wanted)
             if diff:
                 problems.append(f"{out} is not this cell ({diff}); move it away or use another --runs-dir")
             elif same_split(out, stored):
                 complete.append(cell)
             continue
-        if stored_path.is_file():
+        if folder.has_config():
             if not resume:
                 incomplete.append(cell)
                 continue
             from .precision import with_precision
 
-            whole = read_json(stored_path)
+            whole = folder.read_config()
             # precision inferred for an older folder, and settings added since at the value it computed with
             stored = {**ADDED_DEFAULTS, **with_precision(whole["config"])}
             diff = [k for k in wanted if k != "device" and stored.get(k) != wanted[k]]  # as the trainer's resume
@@ -131,6 +135,28 @@ def classify(cells: list[Cell], runs_dir: Path, gpus_per_trial: float, resume: b
         raise UserError(f"incomplete run folder {incomplete[0].run_dir(runs_dir)}{more}: pass --resume to continue "
                         "them from their checkpoints")
     return todo, complete
+
+
+def check_cells(cells: list[Cell], data, runs_dir: Path, gpus_per_trial: float, dataset_defaults: dict | None) -> None:
+    """Every cell against the data set ``data`` (an LAData), before anything is started: the split its labeled
+    count, protocol and validation cases give (what the trainer would refuse inside a trial), and stored voxel
+    spacings for the evaluated cases of a ``units = "mm"`` cell. One UserError naming the first impossible cell."""
+    from .data import split_lists
+
+    problems, with_spacing = [], set()
+    for cell in cells:
+        config = cell_config(cell, runs_dir, gpus_per_trial, dataset_defaults)
+        try:
+            test = tuple(split_lists(data, config)["test"])
+            if config.get("units") == "mm" and test not in with_spacing:
+                data.require_spacing(test)
+                with_spacing.add(test)
+        except UserError as exc:
+            problems.append(f"cell {cell.id}: {exc}")
+    if problems:
+        more = f" (and {len(problems) - 1} more cell(s))" if len(problems) > 1 else ""
+        raise UserError(f"{problems[0]}{more}; the data set {data.root} cannot give it: change the experiment or "
+                        f"--data (nothing was started)")
 
 
 def gpu_memory_fraction(gpus_per_trial: float, config: dict) -> float | None:
@@ -165,10 +191,11 @@ def train_cell(job: dict) -> dict:
     from .trainer import RunConfig, run_training
 
     out = Path(job["out"])
-    if (out / "summary.json").is_file():
-        return read_json(out / "summary.json")
+    folder = RunFolder(out)
+    if folder.is_finished():
+        return folder.read_summary()
     cfg = RunConfig.from_json(job["config"])
-    resume = (out / "config.json").is_file()
+    resume = folder.has_config()
     overwrite = not resume and out.is_dir() and any(out.iterdir())  # an attempt that died before config.json
     return run_training(cfg, out, job["data"], resume=resume, overwrite=overwrite, progress=False)
 
@@ -223,9 +250,10 @@ def _start_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    # plugin methods named by SSL_BENCH_PLUGINS must load in the workers too (entry points are installed)
-    plugins = os.environ.get("SSL_BENCH_PLUGINS", "").strip()
-    extra = {"runtime_env": {"env_vars": {"SSL_BENCH_PLUGINS": plugins}}} if plugins else {}
+    # plugin methods named by SSL_BENCH_PLUGINS must load in the workers too (entry points are installed), and
+    # set but empty it switches the entry points off there as here
+    plugins = os.environ.get("SSL_BENCH_PLUGINS")
+    extra = {"runtime_env": {"env_vars": {"SSL_BENCH_PLUGINS": plugins.strip()}}} if plugins is not None else {}
     try:
         if address:
             ray.init(address=address, log_to_driver=False, **extra)
@@ -257,15 +285,15 @@ def _is_stamp(token: str) -> bool:
     return True
 
 
-def _dataset_defaults(data_dir, dry_run: bool) -> dict:
-    """The data set's own patch and strides; a dry run without reachable data plans with LA's (none)."""
+def _data_set(data_dir, dry_run: bool):
+    """The data set (an LAData); None for a dry run without reachable data, which plans with LA's settings."""
     from .data import LAData
 
     try:
-        return LAData(data_dir).run_defaults()
+        return LAData(data_dir)
     except UserError:
         if dry_run:
-            return {}
+            return None
         raise
 
 
@@ -289,8 +317,6 @@ def run_sweep(experiment, data_dir=None, runs_dir="runs", gpus_per_trial: float 
               max_failures: int = 2, dry_run: bool = False, echo=click.echo, only: tuple[str, ...] = ()) -> dict:
     """Run every missing cell of ``experiment`` (``only``: the cells whose ID matches one of these glob patterns,
     and the stage-1 providers they need); returns the status written to status.json."""
-    from .data import LAData
-
     if not 0 <= gpus_per_trial <= 1:
         raise UserError(f"--gpus-per-trial must be between 0 and 1 (a trial trains on one device), got {gpus_per_trial:g}")
     if cpus_per_trial < 1:
@@ -305,9 +331,13 @@ def run_sweep(experiment, data_dir=None, runs_dir="runs", gpus_per_trial: float 
     # lives in <runs-dir>/_sweeps/.lock and is dropped by the operating system if this driver dies
     with (nullcontext() if dry_run else lock_sweeps(runs_dir)):
         cells = select_cells(exp.plan(), only)
-        defaults = _dataset_defaults(data_dir, dry_run)
-        todo, complete = classify(cells, runs_dir, gpus_per_trial, resume, defaults,
-                                  None if dry_run else LAData(data_dir))
+        data = _data_set(data_dir, dry_run)
+        defaults = data.run_defaults() if data is not None else {}
+        if data is not None:  # an impossible cell: one line here, not a trial Ray retries
+            check_cells(cells, data, runs_dir, gpus_per_trial, defaults)
+        elif dry_run:
+            echo("note: no data set found (--data / SSL_BENCH_DATA): the cells are not checked against one")
+        todo, complete = classify(cells, runs_dir, gpus_per_trial, resume, defaults, None if dry_run else data)
         n_implicit = sum(c.implicit for c in cells)
         echo(f"sweep {exp.name}: {len(cells)} cells ({n_implicit} stage-1 providers added), "
              f"{len(complete)} complete, {len(todo)} to run; runs in {runs_dir}")
@@ -321,7 +351,7 @@ def run_sweep(experiment, data_dir=None, runs_dir="runs", gpus_per_trial: float 
             for c in cells:
                 echo(f"  {status[c.id]['state']:8s} {c.id}" + (f"  (stage 1 from {c.teacher})" if c.teacher else ""))
             return status
-        data_root = str(Path(LAData(data_dir).root).resolve())
+        data_root = str(Path(data.root).resolve())
 
         def save_status() -> None:  # after planning and after every wave: a killed driver leaves it current
             atomic_write_json(state_dir / "status.json", {
@@ -372,7 +402,7 @@ def _run_waves(name, todo, cells, status, runs_dir, state_dir, data_root, gpus, 
         for cell in (c for c in todo if depth[c.id] == wave):
             log = state_dir / "logs" / f"{cell.id}.log"
             _log(log, f"{SWEEP_START}{name} {stamp}")
-            if cell.teacher and not (Path(runs_dir) / cell.teacher / "summary.json").is_file():
+            if cell.teacher and not RunFolder(Path(runs_dir) / cell.teacher).is_finished():
                 status[cell.id].update(state="failed", error=f"stage-1 provider {cell.teacher} did not complete")
                 continue
             jobs.append(make_job(cell, runs_dir, gpus, cpus, data_root, log, dataset_defaults))
@@ -392,7 +422,7 @@ def _run_waves(name, todo, cells, status, runs_dir, state_dir, data_root, gpus, 
         errors = {r.config["job"]["id"]: r.error for r in results if r.config}
         for job in jobs:
             attempts, error = _attempts(Path(job["log"]))
-            done = (Path(job["out"]) / "summary.json").is_file()
+            done = RunFolder(job["out"]).is_finished()
             if not done and error is None:
                 err = errors.get(job["id"])
                 error = f"{type(err).__name__}: {err}".splitlines()[0] if err else "did not finish"

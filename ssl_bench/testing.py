@@ -17,6 +17,9 @@ demo data unless ``data_dir`` names an LA-layout data root, that the registered 
 3. gives bit-identical losses, weights and metrics for the same seed twice;
 4. interrupted after the first iteration of every stage and resumed equals the uninterrupted run
    (losses, every stage's handed-over weights, the final checkpoint: networks, optimisers, RNG, stream);
+   and every later stage starts from the earlier stage's weights: after its ``init_from`` one of its
+   networks holds every tensor the previous stage handed over (a stage 2 that forgets to load them
+   would train from random weights);
 5. evaluates: finite metrics with Dice in [0, 1] for every post-processing, and ``ssl-bench eval`` of the
    run folder reproduces them.
 
@@ -84,10 +87,12 @@ class _Recorder:
 def _instrumented(stage_classes, recorder_ref: list):
     """Wrap each stage class's ``losses`` and ``optimizers`` to record losses and check gradients; undone after."""
     classes = list(dict.fromkeys(stage_classes))
-    saved = [(cls, cls.__dict__.get("losses"), cls.__dict__.get("optimizers")) for cls in classes]
-    originals = {cls: (cls.losses, cls.optimizers) for cls in classes}  # before any is wrapped (subclasses)
+    saved = [(cls, cls.__dict__.get("losses"), cls.__dict__.get("optimizers"), cls.__dict__.get("init_from"))
+             for cls in classes]
+    # before any is wrapped (subclasses)
+    originals = {cls: (cls.losses, cls.optimizers, cls.init_from) for cls in classes}
     for cls in classes:
-        inner_losses, inner_opts = originals[cls]
+        inner_losses, inner_opts, inner_init = originals[cls]
 
         def losses(self, phase, nets, batch, it0, _inner=inner_losses, _cls=cls):
             loss, parts = _inner(self, phase, nets, batch, it0)
@@ -126,16 +131,39 @@ def _instrumented(stage_classes, recorder_ref: list):
                 opt.step = step
             return opts
 
-        cls.losses, cls.optimizers = losses, optimizers
+        def init_from(self, nets, previous, _inner=inner_init, _cls=cls):
+            _inner(self, nets, previous)
+            if not any(_holds(net, previous) for net in nets.values()):
+                recorder_ref[0].fail(f"{_cls.__name__} does not start from the previous stage's weights: after its "
+                                     f"init_from none of its networks {sorted(nets)} holds them (load them there, "
+                                     f"e.g. nets[\"student\"].load_state_dict(previous))")
+
+        cls.losses, cls.optimizers, cls.init_from = losses, optimizers, init_from
     try:
         yield
     finally:
-        for cls, losses, opts in saved:
-            for attr, value in (("losses", losses), ("optimizers", opts)):
+        for cls, losses, opts, init in saved:
+            for attr, value in (("losses", losses), ("optimizers", opts), ("init_from", init)):
                 if value is None:
                     delattr(cls, attr)
                 else:
                     setattr(cls, attr, value)
+
+
+def _holds(net: nn.Module, weights: dict) -> bool:
+    """Whether ``net`` holds every tensor of ``weights`` (a handed-over state dict), under its name or inside a
+    submodule (``backbone.<name>``); a net with none of the names does not hold them."""
+    state = net.state_dict()
+    if not weights:
+        return True
+    for key, value in weights.items():
+        mine = state.get(key)
+        if mine is None:
+            found = [v for k, v in state.items() if k.endswith("." + key)]
+            mine = found[0] if len(found) == 1 else None
+        if mine is None or mine.shape != value.shape or not torch.equal(mine.detach().cpu(), value.detach().cpu()):
+            return False
+    return True
 
 
 def state_differences(a, b, path="", out=None) -> list[str]:
@@ -198,15 +226,15 @@ def _check_construction(name, spec, ctx) -> None:
 
 
 def _stage_weights(out: Path, n_stages: int) -> list[dict]:
-    from .trainer import load_stage_file
+    from .run_folder import RunFolder
 
-    return [load_stage_file(out / "stages" / f"stage{k}.pt")["weights"] for k in range(1, n_stages + 1)]
+    return [RunFolder(out).load_stage(k)["weights"] for k in range(1, n_stages + 1)]
 
 
 def _last_checkpoint(out: Path) -> dict:
-    from .runs import load_torch
+    from .run_folder import RunFolder
 
-    return load_torch(out / "checkpoints" / "last.pt", "the contract check reads it")
+    return RunFolder(out).last_checkpoint("the contract check reads it")
 
 
 def check_method(name: str, data_dir=None, *, workdir=None, options: dict | None = None,

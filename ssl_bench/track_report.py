@@ -7,10 +7,14 @@
 - **Honest from val.** Under ``val`` the validation cases stay in the unlabeled pool, so a single-stage method
   trains exactly what ``honest`` trains (tests/test_val_protocol.py). Where an experiment lists only the val
   cell of a single-stage method, its honest row is that run's last weights (``summary.json`` "last",
-  ``metrics_per_case_last.csv``), labelled so.
+  ``metrics_per_case_last.csv``), labelled so (read by ``ssl_bench.report_rows.honest_from_val``).
 - **The ordering page.** The methods ranked by our Dice beside the rank order of the paper's Table 1
   (Kendall's τ), with which differences from the reference method are significant (paired Wilcoxon). Only
-  ranks of the paper appear, never its numbers beside ours: the track is not the paper.
+  ranks of the paper appear, never its numbers beside ours: the track is not the paper. Its numbers come from
+  ``ssl_bench.report_rows.ordering_frame``; this module writes the page.
+
+This module reads run folders only through :class:`ssl_bench.run_folder.RunFolder` and imports no other report
+module but ssl_bench/report_format.py, so ssl_bench/report_rows.py can use it (no import cycle).
 """
 from __future__ import annotations
 
@@ -24,12 +28,13 @@ from . import published
 from .dataset_settings import run_defaults_from
 from .errors import UserError
 from .experiments import Cell, Experiment, same_run
-from .runs import read_json
+from .report_format import markdown_table
+from .run_folder import CONFIG, SUMMARY, RunFolder
 
 VAL_LAST_NOTE = "= last of val"
 VAL_LAST_TEXT = ("honest (= last of val): a single-stage method trains the same batches under val as under honest "
                  "(the validation cases stay in the unlabeled pool), so these rows are the val runs' last weights, "
-                 "evaluated on the test set after training (summary.json \"last\"); no second run was trained.")
+                 f"evaluated on the test set after training ({SUMMARY} \"last\"); no second run was trained.")
 #: the settings a user's run may differ in from the experiment's cells (what the cell ID is made of)
 CELL_AXES = ("method", "labeled", "seed", "protocol")
 
@@ -42,7 +47,7 @@ def runs_dirs(runs_dir) -> list[Path]:
 
 def folder_of(cell: Cell, dirs: list[Path]) -> Path | None:
     """The one --runs-dir holding a finished run of ``cell`` (None: none); a cell in two of them is refused."""
-    found = [d for d in dirs if (cell.run_dir(d) / "summary.json").is_file()]
+    found = [d for d in dirs if RunFolder(cell.run_dir(d)).is_finished()]
     if len(found) > 1:
         raise UserError(f"cell {cell.id} is in two --runs-dir folders ({found[0]} and {found[1]}); "
                         "keep it in one of them")
@@ -62,7 +67,7 @@ def with_user_runs(exp: Experiment, dirs: list[Path]) -> Experiment:
         if not d.is_dir():
             raise UserError(f"--runs-dir {d} does not exist")
         for folder in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
-            if folder.name in planned or not (folder / "summary.json").is_file():
+            if folder.name in planned or not RunFolder(folder).is_finished():
                 continue
             added.append(_user_cell(folder, template, precisions, exp.name))
     if not added:
@@ -71,10 +76,11 @@ def with_user_runs(exp: Experiment, dirs: list[Path]) -> Experiment:
 
 
 def _user_cell(folder: Path, template: Cell, precisions: set[str], name: str) -> Cell:
-    where = folder / "config.json"
-    if not where.is_file():
-        raise UserError(f"{folder} has summary.json but no config.json; move it out of the --runs-dir")
-    config = read_json(where)
+    run = RunFolder(folder)
+    where = run.config_path
+    if not run.has_config():
+        raise UserError(f"{folder} has {SUMMARY} but no {CONFIG}; move it out of the --runs-dir")
+    config = run.read_config()
     stored = config.get("config") if isinstance(config, dict) else None
     if not isinstance(stored, dict) or any(k not in stored for k in CELL_AXES):
         raise UserError(f"{where} is not a run's config (no {', '.join(CELL_AXES)}); move the folder away")
@@ -98,63 +104,8 @@ def _user_cell(folder: Path, template: Cell, precisions: set[str], name: str) ->
     return cell
 
 
-def honest_from_val(runs, folders: dict[str, Path]) -> list | None:
-    """The honest view of val runs of a single-stage method (their last weights), or None where that is not the
-    same training (a multi-stage method hands a selected stage on) or a run lacks its last-weights evaluation."""
-    derived = []
-    for run in runs:
-        stages = (run.config.get("method") or {}).get("stages") or []
-        last = run.summary.get("last") or {}
-        folder = folders.get(run.cell.id)
-        if len(stages) != 1 or "metrics" not in last or folder is None:
-            return None
-        csv = folder / "metrics_per_case_last.csv"
-        if not csv.is_file():
-            return None
-        try:
-            per_case = pd.read_csv(csv)
-        except (OSError, ValueError, pd.errors.ParserError) as exc:
-            raise UserError(f"{csv} is damaged ({type(exc).__name__}); re-evaluate with `ssl-bench eval {folder}`") from None
-        summary = {**run.summary, "protocol": "honest", "metrics": last["metrics"],
-                   "checkpoint": last.get("checkpoint")}
-        derived.append(dataclasses.replace(run, summary=summary, per_case=per_case))
-    return derived or None
-
-
-def ordering_frame(rows, tests: pd.DataFrame, table: str, alpha: float = 0.05) -> pd.DataFrame:
-    """Per protocol and labeled count: each method's rank by our mean Dice (own post-processing) and by the
-    paper's ``table``, and the paired Wilcoxon p-value against the reference method."""
-    from .report import metric_stats
-
-    recs = []
-    for row in rows:
-        stats = metric_stats(row, row.post, "dice") if row.runs else None
-        fig = published.paper_figure(table, row.method, row.labeled)
-        if stats is None or fig is None or fig.dice is None:
-            continue
-        p = None
-        if not tests.empty:
-            hit = tests[(tests["protocol"] == row.protocol) & (tests["labeled"] == row.labeled)
-                        & (tests["method"] == row.method) & (tests["post"] == "own")
-                        & (tests["precision"] == row.precision)]
-            if len(hit) and hit.iloc[0]["reference"] != row.method and hit.iloc[0]["p_value"] is not None:
-                p = float(hit.iloc[0]["p_value"])
-        recs.append({"protocol": row.protocol, "precision": row.precision, "labeled": row.labeled,
-                     "method": row.method, "seeds": len(row.runs), "dice": stats[0], "paper_dice": fig.dice,
-                     "p_vs_reference": p, "significant": p is not None and p < alpha})
-    df = pd.DataFrame.from_records(recs)
-    if df.empty:
-        return df
-    keys = ["protocol", "precision", "labeled"]
-    df["rank"] = df.groupby(keys)["dice"].rank(ascending=False, method="min").astype(int)
-    df["paper_rank"] = df.groupby(keys)["paper_dice"].rank(ascending=False, method="min").astype(int)
-    return df.sort_values(keys + ["rank"]).reset_index(drop=True)
-
-
 def ordering_markdown(df: pd.DataFrame, table: str, reference: str | None) -> str:
     from scipy.stats import kendalltau
-
-    from .report import markdown_table
 
     ref = published.display_name(reference or "-", table)
     out = [f"\n## Method ordering beside the paper's {table.replace('table', 'Table ')}\n\n"
@@ -197,5 +148,5 @@ def budget_markdown(rows) -> str:
         return ""
     body = "".join(f"| {cid} | {m:.1f} |\n" for cid, m in sorted(lines))
     return ("\n## Measured time\n\nTraining + evaluation wall time of each finished run, as recorded in its "
-            f"summary.json (a stage 1 reused from another run counts there, once). In all: {total:.0f} min "
+            f"{SUMMARY} (a stage 1 reused from another run counts there, once). In all: {total:.0f} min "
             f"({total / 60:.2f} h) for {len(lines)} runs.\n\n| Run | Minutes |\n|---|---|\n" + body)

@@ -175,3 +175,32 @@ def test_interrupted_and_resumed_across_the_stage_boundary_is_exact(bcp_run, la_
         assert mine.keys() == ref.keys()
         for name in ref:
             assert torch.equal(mine[name], ref[name]), (k, name)
+
+
+def _reference_update_ema_variables(model, ema_model, alpha):
+    """BCP's ``update_ema_variables`` (code/LA_BCP_train.py), transcribed: one parameter at a time, non-fused."""
+    for ema_param, param in zip(ema_model.parameters(), model.parameters()):
+        ema_param.data.mul_(alpha).add_((1 - alpha) * param.data)
+
+
+def test_stage2_ema_is_bcps_own_arithmetic_bit_for_bit():
+    """After 30 steps the teacher is bit-identical to BCP's non-fused update, and not to the fused one (UA-MT's):
+    the two round differently (issue 23)."""
+    import copy
+
+    stage = BCPStage2(ctx((16, 16, 16)))
+    nets, _ = nets_initialised_from_handed(stage)
+    reference, fused = copy.deepcopy(nets["teacher"]), copy.deepcopy(nets["teacher"])
+    gen = torch.Generator().manual_seed(3)
+    for it0 in range(30):
+        with torch.no_grad():  # a student that moves like a trained one: small steps of every parameter
+            for p in nets["student"].parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=gen))
+        stage.after_step(nets, it0)
+        _reference_update_ema_variables(nets["student"], reference, 0.99)
+        with torch.no_grad():
+            for t, s in zip(fused.parameters(), nets["student"].parameters()):
+                t.mul_(0.99).add_(s, alpha=1 - 0.99)
+    ours = list(nets["teacher"].parameters())
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(ours, fused.parameters()))  # the test can tell them apart

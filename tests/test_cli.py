@@ -293,3 +293,48 @@ def test_literature_protocol_selects_best_on_test_and_keeps_the_last(demo_root, 
     assert summary["last"]["checkpoint"]["iteration"] == 6 and (tmp_path / "lit/metrics_per_case_last.csv").is_file()
     raw = [float(r["dice"]) for r in csv.DictReader((tmp_path / "lit/metrics_per_case.csv").open()) if r["post"] == "raw"]
     assert raw[0] == pytest.approx(dices[best_it])  # the selected weights reproduce the selection Dice
+
+
+def test_every_run_option_reaches_the_record_and_the_run(demo_root, tmp_path, monkeypatch):
+    """Issue 23: each `ssl-bench run` option, given a value other than its default, is in the RunConfig the trainer
+    gets, in config.json's record, and in what the run does with it (split, lengths, selection, evaluation)."""
+    import click
+
+    import ssl_bench.trainer as trainer_mod
+    from ssl_bench.cli import cli as group
+    from ssl_bench.data import LAData
+
+    seen = {}
+
+    def capture(cfg, out, data_dir=None, **kw):
+        seen["cfg"], seen["out"] = cfg, out
+        raise SystemExit(0)
+
+    monkeypatch.setattr(trainer_mod, "run_training", capture)
+    given = {"--labeled": "4", "--seed": "7", "--iterations": "5", "--schedule-scale": "0.5", "--patch": "32,32,16",
+             "--n-filters": "3", "--device": "cpu", "--protocol": "val", "--val-cases": "2",
+             "--selection-every": "7", "--profile": "smoke", "--checkpoint-every": "3", "--eval-cases": "1",
+             "--empty-policy": "zero", "--precision": "fp32", "--units": "voxel",
+             "--option": "ssnet_memory_weights=mean", "--out": str(tmp_path / "run")}
+    run_options = {p.opts[0] for p in group.commands["run"].params if isinstance(p, click.Option)}
+    # every option is exercised here, but those that do not set a run's settings (and --teacher: tests/test_omf.py)
+    assert run_options - set(given) == {"--method", "--data", "--teacher", "--resume", "--overwrite", "--quiet"}
+    with pytest.raises(SystemExit):
+        main(["run", "--method", "ssnet", "--data", str(demo_root), *[x for kv in given.items() for x in kv]])
+    cfg = seen["cfg"]
+    expect = {"labeled": 4, "seed": 7, "iterations": 5, "schedule_scale": 0.5, "patch": (32, 32, 16), "n_filters": 3,
+              "device": "cpu", "protocol": "val", "val_cases": 2, "selection_every": 7, "profile": "smoke",
+              "checkpoint_every": 3, "eval_cases": 1, "empty_policy": "zero", "precision": "fp32", "units": "voxel",
+              "options": {"ssnet_memory_weights": "mean"}}
+    assert {k: getattr(cfg, k) for k in expect} == expect
+    assert seen["out"] == tmp_path / "run"
+    trainer = trainer_mod.Trainer(cfg, tmp_path / "run", LAData(demo_root), progress=False)
+    record = trainer.config_record()["config"]
+    assert {k: record[k] for k in expect} == {**expect, "patch": [32, 32, 16]}
+    stage = trainer.stages[0]
+    assert len(trainer.split.labeled) == 4 and trainer.selection_ids == list(trainer.split.val) and len(trainer.split.val) == 2
+    assert trainer.stage_iterations(0) == 5 and trainer.ctx.schedule_scale == 0.5 and trainer.ctx.n_filters == 3
+    assert trainer.selection_rule(stage)[1] == 7 and len(trainer.test_ids) == 1 and trainer.device.type == "cpu"
+    assert (trainer.eval_settings.patch, trainer.eval_settings.empty_policy, trainer.eval_settings.precision,
+            trainer.eval_settings.units) == ((32, 32, 16), "zero", "fp32", "voxel")
+    assert stage.ctx.options == {"ssnet_memory_weights": "mean"}

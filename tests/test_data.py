@@ -143,3 +143,33 @@ def test_demo_is_deterministic(tmp_path):
         ia, la = da.load(cid)
         ib, lb = db.load(cid)
         assert np.array_equal(ia, ib) and np.array_equal(la, lb)
+
+
+def test_case_files_are_written_in_memory_then_once_and_read_back(tmp_path):
+    """write_case_h5 gives the bytes of a file-backed h5py write (checksums of derived data sets stay), refuses to
+    replace an existing file, and a spacing dataset that is not 3 values is one error before it is read."""
+    import h5py
+
+    from ssl_bench.data import write_case_h5
+
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((20, 18, 9)).astype(np.float32)
+    label = (image > 0.5).astype(np.uint8)
+    with h5py.File(tmp_path / "disk.h5", "w", track_order=False) as f:
+        f.create_dataset("image", data=image, compression="gzip", track_times=False)
+        f.create_dataset("label", data=label, compression="gzip", track_times=False)
+        f.create_dataset("spacing", data=np.array([1.0, 2.0, 3.0]), track_times=False)
+    write_case_h5(tmp_path / "memory.h5", image, label, (1.0, 2.0, 3.0))
+    assert (tmp_path / "memory.h5").read_bytes() == (tmp_path / "disk.h5").read_bytes()
+    with pytest.raises(FileExistsError):
+        write_case_h5(tmp_path / "memory.h5", image, label)
+
+    root = tmp_path / "LA"
+    path = root / "2018LA_Seg_Training Set" / "A" / "mri_norm2.h5"
+    path.parent.mkdir(parents=True)
+    with h5py.File(path, "w") as f:
+        f["image"], f["label"], f["spacing"] = image, label, np.ones(10_000)
+    (root / "train.list").write_text("A\n")
+    (root / "test.list").write_text("B\n")
+    with pytest.raises(UserError, match=r"case A: .* has a spacing of shape \(10000,\), not 3 values"):
+        LAData(root).spacing("A")

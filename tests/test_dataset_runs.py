@@ -13,7 +13,7 @@ from ssl_bench.data import LAData
 from ssl_bench.evaluate import EvalSettings, evaluate_cases
 from ssl_bench.experiments import load_experiment, run_name
 from ssl_bench.sweep import cell_config, classify
-from test_import import SPACING, make_nnunet
+from test_importer import SPACING, make_nnunet
 
 PATCH = (16, 16, 16)
 TINY = ("--iterations", 2, "--n-filters", 2, "--eval-cases", 1, "--quiet")

@@ -113,3 +113,59 @@ def test_dtc_smoke_run_writes_every_file(la_root, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["paper_post"] == "lcc" and summary["checkpoint"]["selection"] == "last"
     assert set(summary["metrics"]) == {"raw", "lcc"}
+
+
+def _reference_compute_sdf(img_gt, out_shape):
+    """DTC's ``compute_sdf`` (HiLab-git/DTC code/utils/util.py), transcribed: scipy EDT, skimage boundaries, the
+    normalisation in float64; the training script then takes ``torch.from_numpy(gt_dis).float()``."""
+    import numpy as np
+    from scipy.ndimage import distance_transform_edt as distance
+    from skimage import segmentation
+
+    img_gt = img_gt.astype(np.uint8)
+    normalized_sdf = np.zeros(out_shape)
+    for b in range(out_shape[0]):
+        posmask = img_gt[b].astype(bool)
+        if posmask.any():
+            negmask = ~posmask
+            posdis = distance(posmask)
+            negdis = distance(negmask)
+            boundary = segmentation.find_boundaries(posmask, mode="inner").astype(np.uint8)
+            sdf = (negdis - np.min(negdis)) / (np.max(negdis) - np.min(negdis)) \
+                - (posdis - np.min(posdis)) / (np.max(posdis) - np.min(posdis))
+            sdf[boundary == 1] = 0
+            normalized_sdf[b] = sdf
+    return torch.from_numpy(normalized_sdf).float()
+
+
+def test_signed_distance_target_is_bit_identical_to_the_reference_compute_sdf():
+    """Random smooth masks of several shapes and foreground shares, a batch with an empty sample, and one at the
+    paper's patch: np.array_equal with the reference, not a tolerance (issue 23: float64 normalisation)."""
+    import numpy as np
+    from scipy import ndimage
+
+    pytest.importorskip("skimage")
+    rng = np.random.default_rng(23)
+    masks = []
+    while len(masks) < 12:
+        shape = tuple(int(s) for s in rng.integers(9, 48, 3))
+        smooth = ndimage.gaussian_filter(rng.standard_normal((2, *shape)), (0, *rng.uniform(1.0, 4.0, 3)))
+        mask = (smooth > rng.uniform(-0.2, 0.3)).astype(np.uint8)
+        if mask.reshape(2, -1).any(1).all() and not mask.reshape(2, -1).all(1).any():  # both classes in each
+            masks.append(mask)
+    empty = masks[0].copy()
+    empty[1] = 0  # no foreground in the second sample: an all-zero target, as the reference's
+    masks.append(empty)
+    masks.append((ndimage.gaussian_filter(rng.standard_normal((2, 112, 112, 80)), (0, 6, 6, 6)) > 0.02).astype(np.uint8))
+    n_off = 0
+    for mask in masks:
+        assert mask.reshape(2, -1).any(1)[0] and not mask.reshape(2, -1).all(1).any()  # both classes in sample 0
+        want = _reference_compute_sdf(mask, mask.shape).numpy()
+        got = signed_distance_target(torch.from_numpy(mask).long()).numpy()
+        assert got.dtype == np.float32 and np.array_equal(got, want)
+        # the float32 normalisation this replaced: dist/max in float32 differs from the reference
+        fg = mask[0] != 0
+        d = np.where(fg, ndimage.distance_transform_edt(fg), ndimage.distance_transform_edt(~fg)).astype(np.float32)
+        old = np.where(fg, -(d / d[fg].max()), d / d[~fg].max())
+        n_off += int((old[want[0] != 0] != want[0][want[0] != 0]).sum())
+    assert n_off > 0  # the comparison is fine enough to see float32 rounding

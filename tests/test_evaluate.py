@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ssl_bench.evaluate import EvalSettings, _windows, evaluate_cases, sliding_window, summarize, window_starts
-from ssl_bench.vnet import VNet
+from ssl_bench.networks import VNet
 
 
 def test_window_counts_match_the_reference_example():
@@ -92,3 +92,33 @@ def test_summary_is_the_mean_and_population_std_over_cases_with_empty_count():
         assert abs(s[post]["dice_std"] - pop_std) < 1e-12
         assert abs(s[post]["hd95"] - 16.0 / 3) < 1e-12
         assert abs(s[post]["asd_std"] - ((((1 - 8 / 3) ** 2 + (2 - 8 / 3) ** 2 + (5 - 8 / 3) ** 2) / 3) ** 0.5)) < 1e-12
+
+
+def test_the_progress_bar_counts_cases_not_windows(monkeypatch):
+    """Three cases of many windows each: the bar is told 1, 2, 3 of 3 (the loop index was overwritten by the
+    window count, issue 23)."""
+    import ssl_bench.evaluate as ev
+
+    told = []
+
+    class Recorded(ev.Progress):
+        def __init__(self, total, label, **kwargs):
+            super().__init__(total, label, **{**kwargs, "enabled": False})
+            told.append(("total", total, kwargs.get("unit")))
+
+        def update(self, done, extra=""):
+            told.append(("done", done))
+            super().update(done, extra)
+
+    monkeypatch.setattr(ev, "Progress", Recorded)
+    lab = np.zeros((40, 36, 20), np.uint8)
+    lab[10:20, 8:22, 5:15] = 1
+    data = _Data({c: (lab.astype(np.float32), lab) for c in "abc"})
+    s = EvalSettings(patch=(32, 32, 16), stride_xy=4, stride_z=2)
+    assert ev.window_counts(lab.shape, s, torch.device("cpu"))[0] > 3  # a window count would show
+    for dice_only in (False, True):
+        told.clear()
+        _, timing = evaluate_cases(_prob_fn, _Oracle(), data, ["a", "b", "c"], s, torch.device("cpu"),
+                                   dice_only=dice_only)
+        assert told == [("total", 3, "case"), ("done", 1), ("done", 2), ("done", 3)]
+        assert timing["windows"] == 3 * ev.window_counts(lab.shape, s, torch.device("cpu"))[0]

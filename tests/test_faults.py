@@ -8,6 +8,12 @@
    --resume, --teacher, sweep --resume and report, naming the first differing id and its list.
 
 Tiny V-Net runs (16³ patch, width 2, 2 iterations, one test case) on ssl_bench.testing.make_tiny_la data.
+
+Then the probes of issue 23's data, sweep and units part (5-7): a full disk during ``data import`` (simulated:
+a write that raises ENOSPC, h5py raising it, and a real failed write under RLIMIT_FSIZE in a child process);
+allocations bounded before they happen (a NIfTI header or gzip stream too large, a resampling too large, an h5
+dataset too large); label names and case ids that are not plain; a sweep cell the data set cannot give; runs
+in different distance units given to ``occlusion`` together.
 """
 import hashlib
 import json
@@ -412,3 +418,304 @@ def test_a_code_pickle_is_refused_as_such_and_never_falls_back(base, tmp_path, c
     assert "could run code" in line and "last.pt" in line and "damaged" not in line
     assert not marker.exists()
     assert tree(run, base["data"]) == before
+
+
+
+# ------------------------------------------------------------------ 5. data import: a full disk, bounds, names
+
+def _import(src, out, *extra) -> int:
+    return cli("data", "import", "--format", "nnunet", src, out, *extra)
+
+
+@pytest.fixture
+def nn_src(tmp_path):
+    """A tiny nnU-Net v2 raw data set (6 cases, labels 1 and 2; tests/test_importer.py's maker)."""
+    from test_importer import make_nnunet
+
+    make_nnunet(tmp_path / "src")
+    return tmp_path / "src"
+
+
+def _nothing_left(out: Path) -> None:
+    """OUT was not created and no temporary folder of the writer is left beside it (its space is freed)."""
+    assert not out.exists()
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")] == []
+
+
+@pytest.mark.parametrize("where", ["write", "h5py"])
+def test_a_full_disk_during_import_is_one_line_and_frees_the_space(nn_src, tmp_path, capsys, monkeypatch, where):
+    """ENOSPC on the third case file, from the file write or from h5py itself: exit 2, one line saying the disk
+    is full, the two case files already written and the temporary folder removed, the source untouched."""
+    import errno
+
+    import h5py
+
+    import ssl_bench.importer as importer
+
+    written = []
+    if where == "write":
+        real = importer.write_case_h5
+
+        def filling(path, *args, **kwargs):
+            if len(written) == 2:  # what a write that ran out of space leaves: part of a file, then the error
+                Path(path).write_bytes(b"\0" * 4096)
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            real(path, *args, **kwargs)
+            written.append(Path(path))
+        monkeypatch.setattr(importer, "write_case_h5", filling)
+    else:
+        real = h5py.Group.create_dataset
+
+        def filling(self, name, *args, **kwargs):
+            if len(written) == 6:  # 3 datasets per case: the third case's first one
+                raise OSError(errno.ENOSPC, "Can't write data (No space left on device)")
+            written.append(name)
+            return real(self, name, *args, **kwargs)
+        monkeypatch.setattr(h5py.Group, "create_dataset", filling)
+    out = tmp_path / "parent" / "OUT"
+    before = tree(nn_src)
+    assert _import(nn_src, out) == 2
+    line = one_line(capsys)
+    assert "the disk is full" in line and "No space left on device" in line and str(out) in line, line
+    assert len(written) == (2 if where == "write" else 6) and not any(isinstance(p, Path) and p.exists() for p in written)
+    _nothing_left(out)
+    assert tree(nn_src) == before
+
+
+def test_a_failed_write_in_hdf5_is_one_line_not_a_crash(nn_src, tmp_path):
+    """A real failing write (RLIMIT_FSIZE in a child: every write past 256 KB fails with EFBIG, as a full disk
+    fails) on the one case file that is larger: exit 2, one line, no temporary folder. A file-backed h5py write
+    crashed here (segfault in its close, exit 139, 33 lines)."""
+    import subprocess
+    import sys
+
+    import nibabel as nib
+    import numpy as np
+
+    from test_importer import _affine
+
+    rng = np.random.default_rng(1)
+    label = np.zeros((64, 64, 64), np.uint8)
+    label[20:40, 20:40, 20:40] = 1
+    nib.save(nib.Nifti1Image(rng.standard_normal(label.shape).astype(np.float32), _affine()),
+             str(nn_src / "imagesTr" / "big_000_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(label, _affine()), str(nn_src / "labelsTr" / "big_000.nii.gz"))
+    out = tmp_path / "parent" / "OUT"
+    out.parent.mkdir()
+    child = ("import resource, signal, sys\n"
+             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, 1 << 18))\n"
+             "from ssl_bench.cli import main\n"
+             "sys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-c", child, "data", "import", "--format", "nnunet", str(nn_src), str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"cannot write {out}" in lines[0] and "File too large" in lines[0] and "temporary folder is removed" in lines[0]
+    _nothing_left(out)
+
+
+def _gzip_nifti(path: Path, shape, payload: int) -> None:
+    """A .nii.gz whose header declares ``shape`` (uint8, 1 mm) followed by ``payload`` zero bytes: a bomb when the
+    header or the stream is large (zeros compress about 1000:1)."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.uint8)
+    header.set_data_shape(shape)
+    header.set_zooms((1.0, 1.0, 1.0))
+    header.set_sform(np.eye(4), code=1)
+    header.set_qform(np.eye(4), code=1)
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header.binaryblock + b"\0" * 4)
+        block = b"\0" * (1 << 20)
+        for _ in range(payload >> 20):
+            f.write(block)
+        f.write(b"\0" * (payload & ((1 << 20) - 1)))
+
+
+@pytest.mark.parametrize("bomb", ["header", "stream"])
+def test_a_gzip_bomb_is_refused_before_it_is_allocated(nn_src, tmp_path, capsys, monkeypatch, bomb):
+    """header: a NIfTI declaring 2048³ voxels (8 GiB) over 1 MB of data; stream: a small header over a stream that
+    inflates past the importer's limit (lowered to 4 MiB here, 1 GiB + 64 MiB by default). Both: one line naming
+    the case and the bound, exit 2, nothing written."""
+    import ssl_bench.importer as importer
+
+    img = nn_src / "imagesTr" / "syn_001_0000.nii.gz"
+    if bomb == "header":
+        _gzip_nifti(img, (2048, 2048, 2048), 1 << 20)
+    else:
+        monkeypatch.setattr(importer, "MAX_NIFTI_BYTES", 4 << 20)
+        _gzip_nifti(img, (26, 21, 12), 16 << 20)
+    out = tmp_path / "OUT"
+    assert _import(nn_src, out) == 2
+    line = one_line(capsys)
+    assert "case syn_001: image" in line, line
+    if bomb == "header":
+        assert "2048×2048×2048 = 8,589,934,592 voxels is larger than ssl-bench reads" in line
+        assert "134,217,728 voxels (512³)" in line
+    else:
+        assert f"decompresses to more than {4 << 20:,} bytes" in line
+    _nothing_left(out)
+
+
+def test_a_resampling_too_large_is_refused_before_it_is_allocated(nn_src, tmp_path, capsys):
+    """A 1000 mm voxel resampled with --spacing 1,1,1 (a 89 TiB volume in the issue's probe): one line, exit 2."""
+    import nibabel as nib
+    import numpy as np
+
+    for sub, name in (("imagesTr", "syn_003_0000.nii.gz"), ("labelsTr", "syn_003.nii.gz")):
+        arr = np.asarray(nib.load(str(nn_src / sub / name)).dataobj)
+        nib.save(nib.Nifti1Image(arr, np.diag([1000.0, 1000.0, 1000.0, 1.0])), str(nn_src / sub / name))
+    out = tmp_path / "OUT"
+    assert _import(nn_src, out, "--spacing", "1,1,1") == 2
+    line = one_line(capsys)
+    assert "case syn_003" in line and "resampled to --spacing 1,1,1" in line and "512³" in line, line
+    _nothing_left(out)
+    assert _import(nn_src, out, "--spacing", "1e300,1e-300,1") == 2  # overflowing factors: the same one line
+    assert "larger than ssl-bench reads or writes" in one_line(capsys)
+
+
+@pytest.mark.parametrize("labels, args, fragment", [
+    ({"0": "background", "²": "atrium"}, (), "declares no nonzero label"),  # MSD style: "²" is not a value
+    ({"0": "background", "--1": "atrium"}, (), "declares no nonzero label"),
+    ({"background": 0, "atrium": 1, "other": 2}, ("--label", "²"), "--label '²': no such label"),
+    ({"background": 0, "atrium": 1, "other": 2}, ("--label=--1",), "--label '--1': no such label"),
+    ({"background": 0, "atrium": 1, "other\nname": 2}, ("--label", "x"), "2='other\\nname'"),
+    ("deep", (), "nested more than 64 levels deep"),
+])
+def test_label_names_and_dataset_json_are_one_line(nn_src, tmp_path, capsys, labels, args, fragment):
+    """Label names that look like numbers to str.isdigit ("²", "--1"), a name with a line break, a 100 000-deep
+    dataset.json (a RecursionError): one line, exit 2, nothing written."""
+    if labels == "deep":
+        (nn_src / "dataset.json").write_text('{"labels": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    else:
+        (nn_src / "dataset.json").write_text(json.dumps({"labels": labels, "file_ending": ".nii.gz"}))
+    out = tmp_path / "OUT"
+    assert _import(nn_src, out, *args) == 2
+    line = one_line(capsys)
+    assert fragment in line, line
+    _nothing_left(out)
+
+
+@pytest.mark.parametrize("bad", ["syn\n009", "syn\\009", "syn\x1b009", "syn\u2028009"])
+def test_a_case_id_that_is_not_a_plain_name_is_one_line(nn_src, tmp_path, capsys, bad):
+    """A newline, a backslash or another control character in a case file name: one line naming it (quoted),
+    exit 2, no train.list with bogus ids."""
+    for sub, suffix in (("imagesTr", "_0000.nii.gz"), ("labelsTr", ".nii.gz")):
+        shutil.copyfile(nn_src / sub / f"syn_000{suffix}", nn_src / sub / f"{bad}{suffix}")
+    out = tmp_path / "OUT"
+    assert _import(nn_src, out) == 2
+    line = one_line(capsys)
+    assert repr(bad) in line and "a case id must be a plain name" in line, line
+    _nothing_left(out)
+
+
+@pytest.mark.parametrize("entry", ["../TINY00", "TINY00/../TINY01", ".hidden"])
+def test_a_case_list_entry_that_is_not_a_plain_name_is_one_line(base, tmp_path, capsys, entry):
+    """A train.list line that would lead outside the data folder (or to another case): refused in one line before any
+    file is read, by every command that reads the lists."""
+    data = _copy(base["data"], tmp_path / "LA")
+    ids = (data / "train.list").read_text().split()
+    (data / "train.list").write_text("".join(i + "\n" for i in [entry] + ids[1:]))
+    before = tree(tmp_path)
+    assert cli("run", *ARGS, "--data", data, "--out", tmp_path / "run") == 2
+    line = one_line(capsys)
+    assert "is not a plain name" in line and repr(entry) in line and "train.list" in line, line
+    assert tree(tmp_path) == before and not (tmp_path / "run").exists()
+
+
+def test_an_h5_dataset_too_large_is_refused_before_it_is_read(base, tmp_path, capsys):
+    """A case file whose (compressed, never written) datasets declare 2048³ voxels: one line before 32 GiB are
+    allocated."""
+    import h5py
+
+    data = _copy(base["data"], tmp_path / "LA")
+    path = data / CASES / "TINY00" / "mri_norm2.h5"
+    path.unlink()
+    with h5py.File(path, "w") as f:
+        for name, dtype in (("image", "f4"), ("label", "u1")):
+            f.create_dataset(name, shape=(2048, 2048, 2048), dtype=dtype, chunks=(64, 64, 64), compression="gzip")
+    assert path.stat().st_size < 1 << 20
+    assert cli("run", *ARGS, "--data", data, "--out", tmp_path / "run") == 2
+    line = one_line(capsys)
+    assert "case TINY00" in line and "8,589,934,592 voxels is larger than ssl-bench reads" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ 6. a sweep cell the data set cannot give
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["sweep", "dry-run"])
+def test_a_sweep_cell_larger_than_the_data_set_is_one_line_before_ray(base, tmp_path, capsys, monkeypatch, dry_run):
+    """labeled = 20 on a training list of 8: one line naming the cell, exit 2, Ray never started, no cell folder,
+    the data untouched (before, Ray retried the trial and printed about 465 lines)."""
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray must not start")
+
+    monkeypatch.setattr("ssl_bench.sweep._start_ray", no_ray)
+    exp = tmp_path / "too-many.toml"
+    exp.write_text(EXPERIMENT.replace("labeled = [4]", "labeled = [4, 20]"))
+    runs = tmp_path / "runs"
+    before = tree(base["data"])
+    assert cli("sweep", exp, "--data", base["data"], "--runs-dir", runs, *(["--dry-run"] if dry_run else [])) == 2
+    line = one_line(capsys)
+    assert "cell vnet-L20-s1337-honest-smoke" in line and "--labeled must be between 1 and 8" in line, line
+    assert "nothing was started" in line
+    assert tree(base["data"]) == before
+    assert not runs.exists() if dry_run else [p.name for p in runs.iterdir()] == ["_sweeps"]
+
+
+# ------------------------------------------------------------------ 7. runs in different units together
+
+def test_occlusion_refuses_runs_in_different_units_together(tmp_path, capsys):
+    """A voxel run and an mm run (an imported data set stores spacings) given to `occlusion` together: one line
+    naming both units, exit 2, no output folder; the runs and the data untouched."""
+    from test_importer import make_nnunet
+
+    make_nnunet(tmp_path / "src", n_train=8)
+    data = tmp_path / "data"
+    assert _import(tmp_path / "src", data, "--test-fraction", 0.25) == 0
+    runs = []
+    for units in ("voxel", "mm"):
+        runs.append(tmp_path / f"run-{units}")
+        assert cli("run", *ARGS, "--data", data, "--units", units, "--out", runs[-1]) == 0
+    capsys.readouterr()
+    before = tree(data, *runs)
+    out = tmp_path / "occ"
+    assert cli("occlusion", *runs, "--ratios", "0.1", "--repeats", "1", "--out", out, "--no-panel", "--quiet") == 2
+    line = one_line(capsys)
+    assert "different distance units" in line and "in voxel" in line and "in mm" in line, line
+    assert not out.exists() and tree(data, *runs) == before
+
+
+def test_a_killed_writers_temporary_files_are_removed_at_the_next_write(tmp_path):
+    """Issue 23: what a SIGKILLed atomic write left beside its file goes at the next write of that file; a live
+    writer's temporary file, another file's, and a link are left alone."""
+    import subprocess
+    import sys
+
+    from ssl_bench.runs import atomic_write_text
+
+    target = tmp_path / "summary.json"
+    # a writer killed mid-write: its temporary file stays behind
+    code = ("import os, signal, sys; from pathlib import Path; from ssl_bench.runs import atomic_write\n"
+            "atomic_write(Path(sys.argv[1]), lambda tmp: os.kill(os.getpid(), signal.SIGKILL))")
+    r = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True)
+    assert r.returncode == -9
+    dead = [p for p in tmp_path.iterdir() if p.name.startswith(".summary.json.")]
+    assert len(dead) == 1
+    live = tmp_path / f".summary.json.{os.getppid()}.abc.json"  # a running process's (our parent's) pid
+    other = tmp_path / ".config.json.99999999.abc.json"
+    outside = tmp_path / "outside"
+    outside.write_text("keep")
+    link = tmp_path / ".summary.json.99999999.lnk.json"
+    for p in (live, other):
+        p.write_text("{}")
+    link.symlink_to(outside)
+    atomic_write_text(target, "{}")
+    assert not dead[0].exists() and target.read_text() == "{}"
+    assert live.exists() and other.exists() and link.is_symlink() and outside.read_text() == "keep"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ssl_bench.cli import main
-from ssl_bench.errors import UserError
+from ssl_bench.errors import Interrupted, UserError
 from ssl_bench.experiments import PLANNED_METHODS, load_experiment
 from ssl_bench.report import collect, write_report
 from ssl_bench.sweep import classify, run_sweep
@@ -47,8 +47,9 @@ def _equal(a, b, keys=None):
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in keys)
 
 
-def _scripted_literature_run(tmp_path_factory, script):
-    """A tiny `omf` run under `literature`, selecting after every iteration with scripted scores."""
+def _scripted_literature_run(tmp_path_factory, script, stop_at=None):
+    """A tiny `omf` run under `literature`, selecting after every iteration with scripted scores (``stop_at``:
+    interrupted there, then resumed)."""
     root = make_tiny_la(tmp_path_factory.mktemp("tiny") / "LA")
     out = tmp_path_factory.mktemp("lit") / "omf"
     seen = {name: [] for name in script}
@@ -65,7 +66,12 @@ def _scripted_literature_run(tmp_path_factory, script):
     mp = pytest.MonkeyPatch()
     mp.setattr(Trainer, "_selection_dice", scripted)
     try:
-        summary = run_training(cfg, out, root, progress=False)
+        if stop_at is None:
+            summary = run_training(cfg, out, root, progress=False)
+        else:
+            with pytest.raises(Interrupted):
+                run_training(cfg, out, root, progress=False, stop_at=stop_at)
+            summary = run_training(cfg, out, root, progress=False, resume=True)
     finally:
         mp.undo()
         torch.set_num_threads(n)
@@ -85,6 +91,26 @@ def test_the_running_best_is_rounded_to_four_decimals(tmp_path_factory):
     out, _, _ = _scripted_literature_run(tmp_path_factory, script)
     assert _weights(out / "stages/stage1.pt")["best_on_test"] == {"dice": 0.8123, "iteration": 2}
     assert _weights(out / "stages/stage2.pt")["best_on_test"] == {"dice": 0.8124, "iteration": 1}
+
+
+def test_a_resumed_stage_keeps_its_running_best(tmp_path_factory):
+    # interrupted after iteration 2 (best so far: 0.9 at 1); after the resume 0.6 and 0.7 must not replace it
+    script = {"OMFStage1": [0.9, 0.5, 0.6, 0.7], "OMFStage2": [0.5, 0.6, 0.7, 0.8]}
+    out, _, seen = _scripted_literature_run(tmp_path_factory, script, stop_at=(1, 2))
+    assert len(seen["OMFStage1"]) == 4
+    assert _weights(out / "stages/stage1.pt")["best_on_test"] == {"dice": 0.9, "iteration": 1}
+    assert _weights(out / "stages/stage2.pt")["best_on_test"] == {"dice": 0.8, "iteration": 4}
+
+
+def test_the_selected_and_the_last_weights_have_their_own_metrics(literature_run):
+    out, summary, _ = literature_run
+    for name, metrics in (("metrics_per_case.csv", summary["metrics"]), ("metrics_per_case_last.csv",
+                                                                         summary["last"]["metrics"])):
+        rows = list(csv.DictReader((out / name).open()))
+        for post, m in metrics.items():
+            dice = [float(r["dice"]) for r in rows if r["post"] == post]
+            assert sum(dice) / len(dice) == pytest.approx(m["dice"], abs=1e-12), (name, post)
+    assert summary["checkpoint"]["iteration"] == BEST_IT and summary["last"]["checkpoint"]["iteration"] == 4
 
 
 def test_selection_was_taken_after_every_iteration(literature_run):

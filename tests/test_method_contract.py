@@ -131,3 +131,35 @@ def test_the_kit_leaves_the_stage_classes_as_they_were(broken, tiny_root, tmp_pa
     assert dict(vars(_Tiny)) == before
     assert "losses" in vars(_Tiny) and "optimizers" not in vars(_Tiny)
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == [f"{name}-again", f"{name}-first", f"{name}-resumed"]
+
+
+class _Stage2Forgets(_Tiny):
+    """A second stage that never loads the first stage's weights (no init_from): it trains from random ones."""
+
+
+class _Stage2Loads(_Tiny):
+    def init_from(self, nets, previous):
+        nets["student"].load_state_dict(previous)
+
+
+class _Stage2LoadsPart(_Tiny):
+    def init_from(self, nets, previous):  # loads the weight but forgets the bias: not the earlier stage's network
+        nets["student"].load_state_dict({**previous, "bias": torch.zeros_like(previous["bias"])})
+
+
+@pytest.mark.parametrize("second, fails", [(_Stage2Forgets, True), (_Stage2LoadsPart, True), (_Stage2Loads, False)],
+                         ids=["no-init-from", "part-loaded", "loads"])
+def test_a_later_stage_must_start_from_the_earlier_stages_weights(second, fails, tiny_root, tmp_path, monkeypatch):
+    """A two-stage method whose stage 2 forgets to load stage 1's weights is failed by the kit (issue 23); the same
+    method loading them passes."""
+    monkeypatch.setattr(method_mod, "_REGISTRY", dict(method_mod._REGISTRY))
+    name = f"two-stage-{second.__name__.lower()}"
+    register(name, _Tiny, second)
+    if fails:
+        with pytest.raises(MethodContractError, match=f"{second.__name__} does not start from the previous stage's "
+                                                      "weights"):
+            check_method(name, tiny_root, workdir=tmp_path)
+    else:
+        result = check_method(name, tiny_root, workdir=tmp_path)
+        assert [s for s, *_ in result["losses"]] == ["_Tiny"] * 2 + ["_Stage2Loads"] * 2
+    assert "init_from" not in vars(_Tiny) and "init_from" not in vars(_Stage2Forgets)  # the kit undid its wrapping

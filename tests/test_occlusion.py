@@ -174,7 +174,16 @@ def test_outputs_written(sweep, runs):
     assert {(r["ratio"], r["repeat"]) for r in rows} == {("0.0", "0"), ("0.3", "0"), ("0.3", "1")}
     assert {r["post"] for r in rows} == {"raw", "lcc"}
     assert {r["paper_post"] for r in rows if r["post"] == "raw"} == {"True"}  # UA-MT's tester: no LCC
+    # the unit of hd95/asd is appended: every earlier column keeps its place
+    assert list(rows[0]) == ["run", "method", "labeled", "seed", "protocol", "precision", "variant", "ratio", "repeat",
+                             "case", "post", "paper_post", "dice", "jaccard", "hd95", "asd", "empty", "units"]
+    assert {r["units"] for r in rows} == {"voxel"}
+    summary = rows_of(out / "occlusion_summary.csv")
+    assert list(summary[0])[-1] == "units" and {r["units"] for r in summary} == {"voxel"}
+    assert list(summary[0])[:10] == ["run", "method", "labeled", "seed", "protocol", "precision", "variant", "ratio",
+                                     "post", "paper_post"]
     manifest = json.loads((out / "occlusion.json").read_text())
+    assert manifest["units"] == "voxel" and {r["units"] for r in manifest["runs"]} == {"voxel"}
     assert manifest["variant"] == "volume" and manifest["ratios"] == [0.0, 0.3] and manifest["skipped"] == []
     assert [r["seed"] for r in manifest["runs"]] == [1, 2]
     assert all(r["ratio0_vs_clean"]["identical"] for r in manifest["runs"])
@@ -248,7 +257,7 @@ def test_summary_is_mean_and_std_over_repeats_of_case_means(sweep, runs):
                                    and r["ratio"] == "0.3" and r["repeat"] == rep]) for rep in ("0", "1")]
             [s] = [s for s in summary if s["run"] == run.name and s["post"] == post and s["ratio"] == "0.3"]
             assert float(s["dice_mean"]) == pytest.approx((per_repeat[0] + per_repeat[1]) / 2, abs=1e-12)
-            assert float(s["dice_std"]) == pytest.approx(abs(per_repeat[0] - per_repeat[1]) / 2, abs=1e-12)
+            assert float(s["dice_std"]) == pytest.approx(np.std(per_repeat, ddof=1), abs=1e-12)  # sample std
             assert s["n_repeats"] == "2" and s["n_cases"] == str(N_CASES)
             [z] = [s for s in summary if s["run"] == run.name and s["post"] == post and s["ratio"] == "0.0"]
             assert z["n_repeats"] == "1" and float(z["dice_std"]) == 0.0
@@ -261,13 +270,16 @@ def test_fig3_is_rebuilt_from_the_csv_alone(sweep, tmp_path):
     table = plot_fig3(csv_path, tmp_path / "fig")
     assert (tmp_path / "fig.png").stat().st_size > 0 and (tmp_path / "fig.pdf").stat().st_size > 0
     rows = [r for r in rows_of(csv_path) if r["paper_post"] == "True" and r["ratio"] == "0.3"]
-    # both runs are vnet: one line; samples = 2 runs × 2 repeats of the case-mean Dice
-    samples = [np.mean([float(r["dice"]) for r in rows if r["run"] == run and r["repeat"] == rep])
-               for run in sorted({r["run"] for r in rows}) for rep in ("0", "1")]
+    # both runs are vnet (seeds 1 and 2): one line. Per repeat, the case-mean Dice averaged over the seeds; then
+    # mean ± sample std (n−1) over the repeats (docs/methods.md §3.7.8; ssl_bench.report_rows.fig3_table)
+    per_repeat = [np.mean([np.mean([float(r["dice"]) for r in rows if r["run"] == run and r["repeat"] == rep])
+                           for run in sorted({r["run"] for r in rows})]) for rep in ("0", "1")]
     [line] = table[table["ratio"] == 0.3].to_dict("records")
-    assert line["label"] == "vnet" and line["n_samples"] == 4 and line["n_runs"] == 2
-    assert line["dice_mean"] == pytest.approx(np.mean(samples), abs=1e-12)
-    assert line["dice_std"] == pytest.approx(np.std(samples), abs=1e-12)
+    assert line["method"] == "vnet" and line["n_repeats"] == 2 and line["n_seeds"] == 2
+    assert line["dice_mean"] == pytest.approx(np.mean(per_repeat), abs=1e-12)
+    assert line["dice_std"] == pytest.approx(np.std(per_repeat, ddof=1), abs=1e-12)
+    [drawn] = [r for r in rows_of(out / "fig3_data.csv") if r["ratio"] == "0.3"]  # what `ssl-bench occlusion` wrote
+    assert float(drawn["dice_std"]) == pytest.approx(line["dice_std"], abs=1e-12)
 
 
 def test_second_invocation_on_one_method_sees_the_same_occlusions(sweep, runs, la_root, tmp_path):
@@ -352,3 +364,41 @@ def test_experiment_file_supplies_runs_and_protocol(runs, tmp_path, capsys):
     manifest = json.loads((tmp_path / "o" / "occlusion.json").read_text())
     assert manifest["ratios"] == [0.0, 0.3] and manifest["repeats"] == 1 and manifest["variant"] == "volume"
     assert sorted(r["seed"] for r in manifest["runs"]) == [1, 2]
+
+
+def test_runs_in_different_units_are_refused_before_any_test_case_is_read():
+    """_check_comparable looks at the units first (the runs' trainers are not touched)."""
+    from pathlib import Path
+
+    from ssl_bench.occlusion import RunInfo, _check_comparable
+
+    def info(name, units):
+        return RunInfo(Path(name), name, None, "vnet", 8, 1, "honest", "smoke", "raw", "tf32", units)
+
+    with pytest.raises(UserError, match="runs with different distance units: a gives 95HD/ASD in voxel, b in mm"):
+        _check_comparable([info("a", "voxel"), info("b", "mm")], "volume")
+
+
+def test_an_mm_run_carries_its_unit_into_the_occlusion_files_and_its_printed_result(tmp_path, capsys):
+    """On an imported data set (stored spacings) a --units mm run prints 95HD/ASD with "mm", and its occlusion
+    CSVs and JSON say mm (issue 23)."""
+    from test_importer import make_nnunet
+
+    make_nnunet(tmp_path / "src", n_train=8)
+    data = tmp_path / "data"
+    assert run_cli("data", "import", "--format", "nnunet", tmp_path / "src", data, "--test-fraction", 0.25) == 0
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert run_cli("run", "--method", "vnet", "--profile", "smoke", "--patch", "16,16,16", "--n-filters", 2,
+                   "--iterations", 1, "--labeled", 4, "--eval-cases", 1, "--device", "cpu", "--data", data, "--units", "mm",
+                   "--out", run, "--quiet") == 0
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if "95HD" in ln]
+    assert len(printed) == 2 and all(" mm  ASD " in ln and ln.split("ASD ")[1].split()[1] == "mm" for ln in printed)
+    out = tmp_path / "occ"
+    assert run_cli("occlusion", run, "--ratios", "0.2", "--repeats", 1, "--out", out, "--no-panel", "--quiet",
+                   "--device", "cpu") == 0
+    assert {r["units"] for r in rows_of(out / "occlusion_per_case.csv")} == {"mm"}
+    assert {r["units"] for r in rows_of(out / "occlusion_summary.csv")} == {"mm"}
+    manifest = json.loads((out / "occlusion.json").read_text())
+    assert manifest["units"] == "mm" and manifest["runs"][0]["units"] == "mm"
+    assert all(s["units"] == "mm" for s in manifest["summary"])

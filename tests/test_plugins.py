@@ -120,6 +120,61 @@ def test_a_broken_entry_point_is_one_line_naming_the_package_and_exit_2(tmp_path
     assert "'h11_missing' (plugin ssl-bench-broken 9.9) failed to import: ModuleNotFoundError" in line
 
 
+def test_a_broken_entry_point_does_not_hide_the_methods_that_load(tmp_path, monkeypatch, capsys):
+    """`ssl-bench methods` lists the built-ins and the plugins that work, then names the broken one in one line with
+    the switch that turns entry points off (exit 2); every other command still refuses to run (issue 23)."""
+    site = tmp_path / "site"
+    _dist_info(site, "ssl-bench-broken", "9.9", {"broken": "h11_missing"})
+    _module(tmp_path / "mods", "h11_tiny", TINY_PLUGIN)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    monkeypatch.setenv(plugins.ENV, "h11_tiny")
+    assert main(["methods"]) == 2
+    out, err = capsys.readouterr()
+    listed = {ln.split()[0] for ln in out.splitlines()}
+    assert {"vnet", "bcp", "omf", "tiny-plugin"} <= listed and "broken" not in listed
+    [line] = err.strip().splitlines()
+    assert line.startswith("ssl-bench: error: plugin 'h11_missing' (plugin ssl-bench-broken 9.9) failed to import")
+    assert line.endswith("; SSL_BENCH_PLUGINS= (set and empty) switches entry-point plugins off")
+    assert main(["run", "--method", "vnet"]) == 2  # anything else: refused before it runs, with the same line
+    assert _one_error_line(capsys) == line
+
+
+def test_an_empty_plugins_variable_switches_entry_points_off(tmp_path, monkeypatch, capsys):
+    """SSL_BENCH_PLUGINS= (set, empty or blank): no entry-point plugin is imported, the built-ins are all there; unset,
+    the broken entry point is back. The sweep hands the empty value on to its Ray workers."""
+    site = tmp_path / "site"
+    _dist_info(site, "ssl-bench-broken", "9.9", {"broken": "h11_missing"})
+    _dist_info(site, "ssl-bench-entmin", "0.1.0", {"entmin": "ssl_bench_entmin"})
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    monkeypatch.syspath_prepend(str(site))
+    for value in ("", "  "):
+        monkeypatch.setenv(plugins.ENV, value)
+        assert main(["methods"]) == 0
+        out, err = capsys.readouterr()
+        assert err == "" and "entmin" not in out and "built-in" in out
+        assert {ln.split()[0] for ln in out.splitlines()} == {n for n, s in registry().items()}
+        assert all(s.origin == "built-in" for s in registry().values())
+    monkeypatch.delenv(plugins.ENV)
+    assert main(["methods"]) == 2 and "h11_missing" in _one_error_line(capsys)
+
+    from ssl_bench import sweep
+
+    calls = []
+
+    class FakeRay:
+        def is_initialized(self):
+            return False
+
+        def init(self, **kwargs):
+            calls.append(kwargs)
+
+    monkeypatch.setitem(sys.modules, "ray", FakeRay())
+    monkeypatch.setenv(plugins.ENV, "")
+    sweep._start_ray(None)
+    assert calls[0]["runtime_env"] == {"env_vars": {plugins.ENV: ""}}
+
+
 # -- SSL_BENCH_PLUGINS: run, eval, experiment files, report, sweep ------------------------------------------
 
 def test_env_plugin_runs_evaluates_and_is_accepted_by_experiments_report_and_sweep(tmp_path, monkeypatch, capsys,

@@ -19,7 +19,8 @@ import pytest
 from ssl_bench.cli import main
 from ssl_bench.errors import UserError
 from ssl_bench.experiments import PLANNED_METHODS, Cell, load_experiment
-from ssl_bench.report import collect, reproduction_markdown, run_minutes, write_report
+from ssl_bench.report import collect, reproduction_markdown, write_report
+from ssl_bench.report_rows import run_minutes
 
 FIX = Path(__file__).parent / "fixtures" / "report"
 RUNS = FIX / "runs"
@@ -52,7 +53,7 @@ def test_main_table_cells(fixture_report):
     assert honest == [
         ["V-Net", "8", "0", "honest", "tf32", "no", "2", "76.00 ± 1.41", "63.00 ± 1.41", "13.00 ± 1.41", "3.25 ± 0.35",
          "82.74 / 71.72 / 13.35 / 3.26", "-6.74 / -8.72 / -0.35 / -0.01", "–", "0/8", f"21.0 ({H100})"],
-        ["UA-MT", "8", "72", "honest", "tf32", "no", "1/2", "85.00", "75.00", "9.00", "2.25",
+        ["UA-MT", "8", "72", "honest", "tf32", "no", "1/2 (partial)", "85.00", "75.00", "9.00", "2.25",
          "87.79 / 78.39 / 8.68 / 2.12", "-2.79 / -3.39 / +0.32 / +0.13", "–", "0/4", "13.0 (cpu)"],
         ["OMF", "8", "72", "honest", "tf32", "yes", "2", "88.00 ± 0.71", "78.50 ± 0.71", "5.50 ± 0.71", "1.70 ± 0.14",
          "90.23 / 82.34 / 5.95 / 1.63", "-2.23 / -3.84 / -0.45 / +0.07", "90.23 / 82.34 / 5.95 / 1.63", "0/8",
@@ -64,8 +65,8 @@ def test_main_table_cells(fixture_report):
     # V-Net, UA-MT and DTC evaluate the last checkpoint in their references: their honest runs, labelled
     assert [r[3] for r in lit] == ["literature (= honest)", "literature (= honest)", "literature", "literature (= honest)"]
     assert [r[4] for r in lit] == ["tf32"] * 4  # the precision column (Decision 7) in every row
-    assert lit[0][7] == "76.00 ± 1.41" and lit[1][6] == "1/2"
-    assert lit[2][6:9] == ["1/2", "90.00", "82.00"] and lit[2][12] == "-0.23 / -0.34 / -0.45 / -0.23"
+    assert lit[0][7] == "76.00 ± 1.41" and lit[1][6] == "1/2 (partial)"
+    assert lit[2][6:9] == ["1/2 (partial)", "90.00", "82.00"] and lit[2][12] == "-0.23 / -0.34 / -0.45 / -0.23"
     assert lit[3][7] == "missing"
     # the literature run also evaluated its last weights (summary "last"): selection effect within the same run
     assert md_section_rows(md, "The same literature runs") == [["OMF", "8", "tf32", "1", "4600", "90.00", "88.00", "+2.00"]]
@@ -120,7 +121,8 @@ def test_plots_are_written(fixture_report):
         assert (fixture_report / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (fixture_report / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
     assert not list(fixture_report.glob("ablation_*")) and not list(fixture_report.glob("fig3*"))
-    assert not list(fixture_report.glob(".*"))  # no temporary files left behind
+    # no temporary files left behind; .lock is the output folder's one-writer lock
+    assert [p.name for p in fixture_report.glob(".*")] == [".lock"]
 
 
 def test_rerun_gives_the_same_tables(fixture_report):
@@ -143,8 +145,8 @@ def test_fig3_from_occlusion_csv(tmp_path):
     write_report(FIX / "fig3.toml", RUNS, tmp_path, occlusion=FIX / "occlusion", echo=lambda *_: None)
     md = (tmp_path / "table.md").read_text()
     # per repeat: case mean, averaged over seeds; then mean ± sd over repeats. Ratio 0 has one repeat.
-    assert md_section_rows(md, "## Occlusion") == [["V-Net", "8", "2", "70.00", "45.00 ± 7.07"],
-                                                   ["OMF", "8", "1", "85.00", "70.00 ± 7.07"]]
+    assert md_section_rows(md, "## Occlusion") == [["V-Net", "8", "honest", "2", "70.00", "45.00 ± 7.07"],
+                                                   ["OMF", "8", "honest", "1", "85.00", "70.00 ± 7.07"]]
     summary = pd.read_csv(tmp_path / "occlusion.csv")
     assert list(summary.method) == ["vnet", "vnet", "omf", "omf"]
     assert summary.dice_mean.tolist() == pytest.approx([0.70, 0.45, 0.85, 0.70])
@@ -165,11 +167,14 @@ def test_reproduction_markdown(tmp_path):
     assert "| OMF | 8 | 90.23 / 82.34 / 5.95 / 1.63 | honest | 2/2 | yes | 88.00 / 78.50 / 5.50 / 1.70 | -2.23 |" in lines
     assert "| OMF | 8 | 90.23 / 82.34 / 5.95 / 1.63 | literature | 1/2 | yes | 90.00 / 82.00 / 5.50 / 1.40 | -0.23 |" in lines
     assert "| DTC | 8 | 87.51 / 78.17 / 8.23 / 2.36 | honest | 0/2 | – | missing | – |" in lines
-    # a report of an experiment named table1 (re)writes REPRODUCTION.md beside its output folder
+    # a report of an experiment named table1 writes REPRODUCTION.md inside its output folder, never beside it
     shutil.copy(FIX / "experiment.toml", tmp_path / "table1.toml")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "REPRODUCTION.md").write_text("mine")
     written = write_report(tmp_path / "table1.toml", RUNS, tmp_path / "results" / "table1", echo=lambda *_: None)
-    repro = (tmp_path / "results" / "REPRODUCTION.md").read_text()
-    assert written["REPRODUCTION.md"] == tmp_path / "results" / "REPRODUCTION.md"
+    repro = (tmp_path / "results" / "table1" / "REPRODUCTION.md").read_text()
+    assert written["REPRODUCTION.md"] == tmp_path / "results" / "table1" / "REPRODUCTION.md"
+    assert (tmp_path / "results" / "REPRODUCTION.md").read_text() == "mine"
     assert "| OMF | 8 | 90.23 / 82.34 / 5.95 / 1.63 | honest | 2/2 | yes |" in repro
     assert "Table 2 (OMF, MICCAI 2024)" in repro  # the shipped table2 file, its cells missing in these runs
 
@@ -196,3 +201,199 @@ def test_a_folder_that_is_not_its_cell_is_refused(tmp_path):
     exp = load_experiment(FIX / "experiment.toml", methods=PLANNED_METHODS)
     with pytest.raises(UserError, match="omf-L8-s2-honest: its summary.json has seed 1"):
         collect(exp, runs)
+
+
+# -- Fig. 3: one table for `ssl-bench report` and `ssl-bench occlusion` (issue 22) ----------------------------------
+
+def _occlusion_rows() -> pd.DataFrame:
+    """Two seeds × two repeats × two cases at ratio 0.5 (and ratio 0 once) for vnet; omf one seed; own post only."""
+    dice = {(1, 0): [0.50, 0.70], (1, 1): [0.40, 0.40], (2, 0): [0.60, 0.60], (2, 1): [0.20, 0.40]}
+    recs = []
+    for (seed, rep), values in dice.items():
+        for case, d in zip(("A", "B"), values):
+            recs.append({"method": "vnet", "labeled": 8, "seed": seed, "protocol": "honest", "precision": "tf32",
+                         "ratio": 0.5, "repeat": rep, "case": case, "dice": d})
+    for seed in (1, 2):
+        for case in ("A", "B"):
+            recs.append({"method": "vnet", "labeled": 8, "seed": seed, "protocol": "honest", "precision": "tf32",
+                         "ratio": 0.0, "repeat": 0, "case": case, "dice": 0.9 if seed == 1 else 0.7})
+    for rep, d in ((0, 0.3), (1, 0.5)):
+        recs.append({"method": "omf", "labeled": 8, "seed": 1, "protocol": "honest", "precision": "tf32",
+                     "ratio": 0.5, "repeat": rep, "case": "A", "dice": d})
+    return pd.DataFrame.from_records(recs)
+
+
+def test_fig3_table_is_the_sample_std_over_repeats_of_the_seed_averaged_case_means():
+    from ssl_bench.report_rows import fig3_table
+
+    table = fig3_table(_occlusion_rows(), ["omf", "vnet"])
+    assert list(table.method) == ["omf", "vnet", "vnet"] and list(table.ratio) == [0.5, 0.0, 0.5]
+    vnet = table[(table.method == "vnet") & (table.ratio == 0.5)].iloc[0]
+    # case means: s1 r0 .6, s1 r1 .4, s2 r0 .6, s2 r1 .3 -> per repeat over seeds .6, .35
+    assert vnet.dice_mean == pytest.approx(0.475, abs=1e-12)
+    assert vnet.dice_std == pytest.approx(math.sqrt(((0.6 - 0.475) ** 2 + (0.35 - 0.475) ** 2) / 1), abs=1e-12)
+    assert (vnet.n_repeats, vnet.n_seeds) == (2, 2)
+    zero = table[(table.method == "vnet") & (table.ratio == 0.0)].iloc[0]
+    assert zero.dice_mean == pytest.approx(0.8) and math.isnan(zero.dice_std) and zero.n_repeats == 1
+    omf = table[table.method == "omf"].iloc[0]
+    assert omf.dice_std == pytest.approx(math.sqrt(0.02), abs=1e-12) and omf.n_seeds == 1
+    # without an order: methods as they first appear
+    assert list(fig3_table(_occlusion_rows()).method) == ["vnet", "vnet", "omf"]
+
+
+def test_occlusion_command_and_report_draw_the_same_fig3_table(tmp_path):
+    """`ssl-bench occlusion`'s fig3 (occlusion_plots.plot_fig3, from its per-case CSV) and the report's occlusion.csv
+    are one table: the same numbers for the same rows."""
+    from ssl_bench.occlusion_plots import plot_fig3
+    from ssl_bench.report_rows import fig3_table
+
+    rows = _occlusion_rows()
+    tidy = pd.concat([rows.assign(post="raw", paper_post=True), rows.assign(post="lcc", paper_post=False, dice=0.0)])
+    tidy = tidy.assign(variant="volume", run=[f"{m}-s{s}" for m, s in zip(tidy.method, tidy.seed)])
+    tidy.to_csv(tmp_path / "occlusion_per_case.csv", index=False)
+    drawn = plot_fig3(tmp_path / "occlusion_per_case.csv", tmp_path / "fig3")
+    pd.testing.assert_frame_equal(drawn, fig3_table(rows))
+    assert (tmp_path / "fig3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("variant", ["volume", "code"])
+def test_fig3_axis_names_its_variant(variant):
+    from ssl_bench.occlusion_plots import X_LABEL, fig3_figure
+    from ssl_bench.report_rows import fig3_table
+
+    fig = fig3_figure(fig3_table(_occlusion_rows()), variant, paper="table1")
+    assert fig.axes[0].get_xlabel() == X_LABEL[variant]
+    assert X_LABEL["code"] != X_LABEL["volume"]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["V-Net", "OMF"]
+    with pytest.raises(UserError, match="unknown occlusion variant 'A'"):
+        fig3_figure(fig3_table(_occlusion_rows()), "A")
+
+
+# -- faults (issue 23): one line, exit 2, nothing written outside --out --------------------------------------------
+
+def _tree(root: Path, skip: Path | None = None) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and (skip is None or skip not in p.parents)}
+
+
+def _refused(capsys, tmp_path, *args, out=None) -> str:
+    """Runs `ssl-bench report ARGS`; asserts exit 2, one line on stderr, no traceback, and no file outside ``out``
+    (below tmp_path) created, changed or deleted. Returns the line."""
+    before = _tree(tmp_path, out)
+    capsys.readouterr()
+    rc = main(["report", *map(str, args)] + (["--out", str(out)] if out is not None else []))
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("ssl-bench: error:"), (rc, err)
+    assert "Traceback" not in err
+    assert _tree(tmp_path, out) == before
+    return lines[0]
+
+
+@pytest.fixture
+def runs_copy(tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(RUNS, runs)
+    return runs
+
+
+def test_a_second_report_on_the_same_output_is_refused(tmp_path, runs_copy, capsys):
+    from ssl_bench.runs import lock_folder
+
+    out = tmp_path / "out"
+    assert main(["report", str(FIX / "experiment.toml"), "--runs-dir", str(runs_copy), "--out", str(out)]) == 0
+    with lock_folder(out):  # another report holds the folder
+        before = _tree(out)
+        line = _refused(capsys, tmp_path, FIX / "experiment.toml", "--runs-dir", runs_copy, out=out)
+        assert _tree(out) == before  # nothing of the second report interleaved
+    assert "being written by another" in line
+
+
+def test_an_experiment_name_that_is_not_plain_is_refused(tmp_path, runs_copy, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("...toml", "..toml", "a b.toml"):
+        (tmp_path / name).write_text((FIX / "experiment.toml").read_text())
+        line = _refused(capsys, tmp_path, tmp_path / name, "--runs-dir", runs_copy)
+        assert "not a plain name" in line
+        (tmp_path / name).unlink()
+    assert not (tmp_path / "results").exists() and not (tmp_path / "table.md").exists()
+
+
+def test_a_report_without_any_finished_cell_points_to_the_sweep(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    line = _refused(capsys, tmp_path, FIX / "experiment.toml", "--runs-dir", tmp_path / "empty", out=out)
+    assert "no finished run" in line and "ssl-bench sweep experiment" in line
+    assert not out.exists()
+
+
+def test_partial_results_are_marked(fixture_report):
+    md = (fixture_report / "table.md").read_text()
+    assert "**Partial results:** 3 of 8 rows are complete, 3 partial" in md and "2 missing" in md
+    assert "`ssl-bench sweep experiment` runs the rest" in md
+    from ssl_bench.report import partial_note
+
+    exp = load_experiment(FIX / "experiment.toml", methods=PLANNED_METHODS)
+    rows = collect(exp, RUNS)
+    assert partial_note([r for r in rows if len(r.runs) == len(r.planned)], "x") == ""  # all complete: no note
+    assert "3 of 6 rows are complete, 3 partial" in partial_note([r for r in rows if r.runs], "x")
+
+
+@pytest.mark.parametrize("damage", ["no paper_post", "no dice", "dice a string", "no checkpoint", "timings a list"])
+def test_a_summary_missing_a_key_is_one_line_naming_it(tmp_path, runs_copy, capsys, damage):
+    path = runs_copy / "vnet-L8-s1-honest" / "summary.json"
+    summary = json.loads(path.read_text())
+    if damage == "no paper_post":
+        del summary["paper_post"]
+    elif damage == "no dice":
+        del summary["metrics"]["raw"]["dice"]
+    elif damage == "dice a string":
+        summary["metrics"]["lcc"]["dice"] = "0.5"
+    elif damage == "no checkpoint":
+        del summary["checkpoint"]
+    else:
+        summary["timings"] = {"stage1": [1]}
+    path.write_text(json.dumps(summary))
+    out = tmp_path / "out"
+    line = _refused(capsys, tmp_path, FIX / "experiment.toml", "--runs-dir", runs_copy, out=out)
+    assert str(path) in line and "is damaged" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["no dice column", "text in dice", "binary", "empty"])
+def test_a_broken_metrics_csv_is_one_line_naming_it(tmp_path, runs_copy, capsys, damage):
+    path = runs_copy / "omf-L8-s1-honest" / "metrics_per_case.csv"
+    text = path.read_text()
+    if damage == "no dice column":
+        path.write_text(text.replace(",dice,", ",dise,", 1))
+    elif damage == "text in dice":
+        lines = text.splitlines()
+        head = lines[0].split(",")
+        cells = lines[1].split(",")
+        cells[head.index("dice")] = "abc"
+        path.write_text("\n".join([lines[0], ",".join(cells)] + lines[2:]) + "\n")
+    elif damage == "binary":
+        path.write_bytes(b"\x00\xff\xfe" * 50)
+    else:
+        path.write_text("")
+    out = tmp_path / "out"
+    line = _refused(capsys, tmp_path, FIX / "experiment.toml", "--runs-dir", runs_copy, out=out)
+    assert str(path) in line and "is damaged" in line
+
+
+def test_every_csv_has_its_header_when_nothing_is_paired(tmp_path, runs_copy):
+    # the reference method (omf) has no finished run: nothing to pair
+    for d in runs_copy.glob("omf-*"):
+        shutil.rmtree(d)
+    out = tmp_path / "out"
+    assert main(["report", str(FIX / "experiment.toml"), "--runs-dir", str(runs_copy), "--out", str(out)]) == 0
+    for name in ("wilcoxon.csv", "selection.csv", "table.csv"):
+        header = (out / name).read_text().splitlines()[0]
+        assert header.count(",") >= 5, (name, header)
+    assert (out / "wilcoxon.csv").read_text().splitlines()[0].startswith("protocol,precision,labeled,reference,")
+    assert len((out / "wilcoxon.csv").read_text().splitlines()) == 1
+    from ssl_bench.report_rows import ordering_frame, wilcoxon_tests
+
+    empty = ordering_frame([], pd.DataFrame(), "table1")  # ordering.csv with no method of the paper's table
+    assert empty.to_csv(index=False).startswith("protocol,precision,labeled,method,") and "paper_rank" in empty
+    assert wilcoxon_tests([], None).to_csv(index=False).startswith("protocol,precision,labeled,reference,")

@@ -2,8 +2,10 @@
 
 One Ray session and one sweep are shared by the module (Ray start-up is slow). The sweep's grid:
 two 2-iteration vnet cells (seed 2 left interrupted beforehand, so it must be resumed), one cell
-that fails (20 labeled cases, the demo data has 16), and an omf-s1-s2 cell whose stage 1 comes
-from an omf-s1 cell that the plan adds and trains first.
+that fails inside its trial (20 labeled cases, the demo data has 16: the sweep's own check of the
+cells against the data set is switched off there, standing for a failure no check foresees), and an
+omf-s1-s2 cell whose stage 1 comes from an omf-s1 cell that the plan adds and trains first. With the
+check on, that cell is refused in one line before Ray starts.
 """
 import json
 
@@ -61,11 +63,13 @@ def swept(ray_session, grids, demo_root, tmp_path_factory):
     with pytest.raises(Interrupted):
         run_training(cfg, interrupted, demo_root, progress=False, stop_at=(1, 1))
     config_before = (interrupted / "config.json").read_text()
-    with pytest.raises(UserError) as refused:  # not touched without --resume
-        run_sweep(grids / "grid.toml", demo_root, runs, echo=lambda *_: None)
     lines = []
-    with pytest.raises(UserError) as failed:
-        run_sweep(grids / "grid.toml", demo_root, runs, resume=True, max_failures=1, echo=lines.append)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("ssl_bench.sweep.check_cells", lambda *args, **kwargs: None)  # the trial must fail by itself
+        with pytest.raises(UserError) as refused:  # not touched without --resume
+            run_sweep(grids / "grid.toml", demo_root, runs, echo=lambda *_: None)
+        with pytest.raises(UserError) as failed:
+            run_sweep(grids / "grid.toml", demo_root, runs, resume=True, max_failures=1, echo=lines.append)
     status = json.loads((runs / "_sweeps" / "grid" / "status.json").read_text())["cells"]
     return {"runs": runs, "ids": ids, "refused": str(refused.value), "failed": str(failed.value), "status": status,
             "lines": lines, "config_before": config_before}
@@ -135,3 +139,31 @@ def test_cli_plan_and_bad_options(grids, demo_root, tmp_path, capsys):
     assert "--gpus-per-trial must be between 0 and 1" in capsys.readouterr().err
     assert main(["sweep", "no-such-experiment", "--data", str(demo_root)]) == 2
     assert "no experiment 'no-such-experiment'" in capsys.readouterr().err
+
+
+def _no_ray(*args, **kwargs):
+    raise AssertionError("Ray must not be started for a cell the data set cannot give")
+
+
+def test_the_cells_are_checked_for_validation_cases_and_mm_units(demo_root, tmp_path, monkeypatch):
+    """A val cell whose validation cases would reach the labeled ones, and a units = "mm" cell on a data set that
+    stores no spacings, are refused by the check; a dry run without a data set says the cells are unchecked."""
+    from ssl_bench.data import LAData
+    from ssl_bench.sweep import check_cells
+
+    monkeypatch.setattr("ssl_bench.sweep._start_ray", _no_ray)
+    data = LAData(demo_root)
+    toml = tmp_path / "val.toml"
+    toml.write_text('profile = "smoke"\nseeds = [1]\nprotocols = ["val"]\n[run]\nval_cases = 8\n'
+                    '[[grid]]\nmethods = ["vnet"]\nlabeled = [4, 10]\n')
+    cells = load_experiment(toml).plan()
+    with pytest.raises(UserError, match=r"cell vnet-L10-s1-val-smoke-\w+: --val-cases 8 is more than the 6 unlabeled"):
+        check_cells(cells, data, tmp_path, 0.0, {})
+    check_cells([c for c in cells if c.labeled == 4], data, tmp_path, 0.0, {})  # 12 unlabeled: fine
+    toml.write_text('profile = "smoke"\nseeds = [1]\nprotocols = ["honest"]\n[run]\nunits = "mm"\n'
+                    '[[grid]]\nmethods = ["vnet"]\nlabeled = [4]\n')
+    with pytest.raises(UserError, match="--units mm needs voxel spacings"):
+        check_cells(load_experiment(toml).plan(), data, tmp_path, 0.0, {})
+    lines = []
+    status = run_sweep(toml, tmp_path / "no-data", tmp_path / "runs", dry_run=True, echo=lines.append)
+    assert any("not checked" in ln for ln in lines) and {s["state"] for s in status.values()} == {"pending"}

@@ -1,4 +1,4 @@
-"""Tests for the UA-MT simplified V-Net (docs/methods.md §1.5)."""
+"""Tests for the UA-MT simplified V-Net, ssl_bench/networks.py (docs/methods.md §1.5)."""
 
 import pytest
 import torch
