@@ -358,9 +358,6 @@ class RunFolder:
     def save_stage(self, k: int, handed: dict, which: str = "selected") -> None:
         atomic_torch_save(handed, self.stage_path(k, which))
 
-    def save_best(self, k: int, handed: dict) -> None:
-        atomic_torch_save(handed, self.best_path(k))
-
     def load_best(self, k: int) -> dict:
         return load_stage_file(self.best_path(k))
 
