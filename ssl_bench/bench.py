@@ -247,7 +247,7 @@ def run_bench(method, data_dir, device, profile, iterations, eval_cases, out, pr
         ids = [i for m in methods for i in bench_case_ids(next(iter(trainers[m].values())), eval_cases)]
         loaded = preload(data, ids)  # before anything is timed: no path pays h5 decompression in its timing
         click.echo(f"preloaded {loaded['cases']} cases in {loaded['seconds']:.1f} s")
-        result = {"format": FORMAT, "methods": methods, "profile": profile, "device": str(dev),
+        result = {"format": FORMAT, "methods": methods, "data": str(data.root), "profile": profile, "device": str(dev),
                   "gpu": torch.cuda.get_device_name(dev) if cuda else None, "labeled": labeled,
                   "timed_iterations": iterations, "warmup_iterations": warmup, "eval_cases": eval_cases,
                   "paths": [{"label": label, "path": path, "precision": p} for label, path, p in timed],

@@ -47,10 +47,11 @@ def stage_offsets(run_dir: Path, rows: list[dict]) -> dict[int, int]:
 def load_curves(run_dir) -> dict:
     """{"name", "boundaries", "series": {key: (x, y)}} of one run folder; x = iteration across stages."""
     run_dir = Path(run_dir)
-    log = RunFolder(run_dir).log_path
+    folder = RunFolder(run_dir)
+    log = folder.log_path
     if not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}")
-    if not log.is_file():
+    if not folder.has_log():
         raise UserError(f"{run_dir} has no {log.name} (is it a run folder?)")
     rows = []
     lines = log.read_text().splitlines()

@@ -2,18 +2,23 @@
 
 Each case is a z-scored noisy volume with a bright, smooth, blob-shaped "atrium" (its label) and a
 few distractor blobs. Same seed → byte-identical arrays. It exists for the README's main job and
-for fast tests; it says nothing about real LA performance.
+for fast tests; it says nothing about real LA performance. ``ssl_bench_demo.json`` records how it was made
+(the seed and case counts; no date, so the same seed gives the same bytes).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
 import numpy as np
 from scipy import ndimage
 
+from . import __version__
 from .data import CASES_DIR, H5_NAME, SUMS_NAME, sha256_file
 from .errors import UserError
+
+DEMO_RECORD = "ssl_bench_demo.json"  # not DATASET_RECORD: the demo is in LA's layout with LA's settings
 
 
 def _case(rng: np.random.Generator, shape) -> tuple[np.ndarray, np.ndarray]:
@@ -53,4 +58,6 @@ def make_demo(out: Path, n_train: int = 16, n_test: int = 4, seed: int = 0) -> P
     (out / "train.list").write_text("".join(i + "\n" for i in ids[:n_train]))
     (out / "test.list").write_text("".join(i + "\n" for i in ids[n_train:]))
     (out / SUMS_NAME).write_text("\n".join(sums) + "\n")
+    (out / DEMO_RECORD).write_text(json.dumps({"ssl_bench_demo": 1, "ssl_bench_version": __version__, "seed": seed,
+                                               "n_train": n_train, "n_test": n_test}, indent=2) + "\n")
     return out

@@ -237,6 +237,7 @@ def _load_runs(run_dirs, data_dir, device: str) -> list[RunInfo]:
         stage = trainer.stages[-1]
         paper_post = (folder.read_summary().get("paper_post") if folder.is_finished() else None) \
             or ("lcc" if stage.paper_lcc else "raw")
+        folder.read_metrics()  # ratio 0 is compared with it at the end: one line now if it is damaged
         name, k = path.name, 2
         while name in names:  # two folders with the same name under different parents
             name, k = f"{path.name}#{k}", k + 1
@@ -341,9 +342,11 @@ def _panel_choice(plan, data):
 
 def _clean_check(run: RunInfo, rows: list[dict]) -> dict:
     """Ratio 0 against the run's own metrics_per_case.csv (written by `ssl-bench run` / `eval`)."""
-    path = RunFolder(run.path).metrics_path()
-    if not path.is_file():
+    folder = RunFolder(run.path)
+    path = folder.metrics_path()
+    if not folder.has_metrics():
         return {"compared": 0, "identical": None, "max_abs_diff": None}
+    # whole (checked as the run was loaded); compared as written, not as pandas parses it
     clean = {(r["case"], r["post"]): r for r in csv.DictReader(path.open())}
     diffs, n, same = [], 0, True
     for r in rows:
@@ -386,8 +389,10 @@ def summarize_occlusion(rows: list[dict]) -> list[dict]:
 
 def run_occlusion(run_dirs, ratios: str | None = None, step: float = 0.1, repeats: int = 5, variant: str = "volume",
                   seed: int = 0, out=None, data_dir=None, device: str = "auto", overwrite: bool = False,
-                  progress: bool = True, panel: bool = True, echo=print) -> dict:
-    """Validate everything, then evaluate every run at every (ratio, repeat, case) and write the outputs."""
+                  progress: bool = True, panel: bool = True, echo=print, experiment: dict | None = None) -> dict:
+    """Validate everything, then evaluate every run at every (ratio, repeat, case) and write the outputs.
+
+    ``experiment``: where the run folders came from (``--experiment``: its name, file and ``--runs-dir``), recorded."""
     from .evaluate import evaluate_cases
     from .progress import Progress
     from .runs import atomic_write_json, provenance
@@ -417,6 +422,7 @@ def run_occlusion(run_dirs, ratios: str | None = None, step: float = 0.1, repeat
     shown = _panel_choice(todo, data) if panel else None
     manifest = {
         "status": "running", "variant": variant, "protocol_section": "docs/methods.md §3.7.8", "occlusion_seed": seed,
+        "experiment": experiment,
         "ratios": ratio_list, "ratios_arg": ratio_text, "step": step, "repeats": repeats,
         "ratio0_repeats": 1, "fill_value": 0.0, "training_patch": list(patch) if variant == "code" else None,
         "std": "sample std (n - 1) over repeats of the per-case-mean metric; 0 for one repeat",
@@ -568,6 +574,7 @@ def occlusion_command(run_dirs, experiment, runs_dir, ratios, step, repeats, var
         if exp.occlusion is None:
             raise UserError(f"experiment {exp.name} has no [occlusion] section")
         run_dirs = [cell.run_dir(runs_dir) for cell in exp.cells]
+        source = {"name": exp.name, "file": str(exp.path), "runs_dir": str(Path(runs_dir).resolve())}
         missing = [str(d) for d in run_dirs if not RunFolder(d).is_finished()]
         if missing:
             raise UserError(f"{len(missing)} of {len(run_dirs)} runs of {exp.name} are not finished, e.g. {missing[0]}; "
@@ -576,8 +583,10 @@ def occlusion_command(run_dirs, experiment, runs_dir, ratios, step, repeats, var
         ratios = ratios or ",".join(f"{r:g}" for r in exp.occlusion.ratios)
         repeats = repeats or exp.occlusion.repeats
         out = out or Path("results") / exp.name / "occlusion"
+    else:
+        source = None
     if not run_dirs:
         raise UserError("give at least one run folder or --experiment")
     run_occlusion(run_dirs, ratios=ratios, step=step, repeats=repeats or 5, variant=variant or "volume", seed=seed,
                   out=out, data_dir=data_dir, device=device, overwrite=overwrite, progress=not quiet, panel=panel,
-                  echo=click.echo)
+                  echo=click.echo, experiment=source)

@@ -103,6 +103,7 @@ def read_cell_run(cell: Cell, runs_dir: Path) -> Run | None:
     _check_split(folder, config)
     check_summary(summary, folder)
     per_case = read_per_case(folder)
+    check_per_case(per_case, summary["metrics"], folder)
     legacy = None
     if stored.get("precision") is None:
         from .precision import recorded_precision
@@ -148,6 +149,27 @@ def check_summary(summary: dict, folder: RunFolder) -> None:
     timings = summary.get("timings", {})
     if not isinstance(timings, dict) or not all(isinstance(v, dict) for v in timings.values()):
         bad("'timings' is not an object of objects")
+
+
+def check_per_case(df: pd.DataFrame, metrics: dict, folder: RunFolder, which: str = "selected") -> None:
+    """The metrics CSV (its rows complete: RunFolder.read_metrics) against the summary it was written with: per post,
+    as many rows as the summary's n_cases, and the same means. A CSV cut short, edited, or of another evaluation is one line."""
+    path = folder.metrics_path(which)
+
+    def bad(what: str):
+        raise UserError(f"{path} is damaged or not this run's ({what}); run `ssl-bench eval {folder.path}` to "
+                        "rewrite it and summary.json together")
+
+    if df.empty:
+        return  # no per-case file (an older run): the tables use the summary alone, the per-case plots skip it
+    for post, m in metrics.items():
+        rows = df[df["post"] == post]
+        if "n_cases" in m and len(rows) != m["n_cases"]:
+            bad(f"{len(rows)} {post} rows, the summary counts {m['n_cases']} cases")
+        for key in METRICS:
+            mean = float(np.mean(rows[key].to_numpy(np.float64))) if len(rows) else float(m[key])
+            if not np.isclose(mean, float(m[key]), rtol=1e-9, atol=1e-12, equal_nan=True):
+                bad(f"its mean {post} {key} is {mean:.6g}, the summary's {m[key]:.6g}")
 
 
 def read_per_case(folder: RunFolder, which: str = "selected") -> pd.DataFrame:
@@ -196,11 +218,13 @@ def honest_from_val(runs: list[Run], folders: dict[str, Path]) -> list[Run] | No
         if len(stages) != 1 or "metrics" not in last or folder is None:
             return None
         folder = RunFolder(folder)
-        if not folder.metrics_path("last").is_file():
+        if not folder.has_metrics("last"):
             return None
         summary = {**run.summary, "protocol": "honest", "metrics": last["metrics"],
                    "checkpoint": last.get("checkpoint")}
-        derived.append(dataclasses.replace(run, summary=summary, per_case=read_per_case(folder, "last")))
+        per_case = read_per_case(folder, "last")
+        check_per_case(per_case, last["metrics"], folder, "last")
+        derived.append(dataclasses.replace(run, summary=summary, per_case=per_case))
     return derived or None
 
 

@@ -259,29 +259,45 @@ class RunFolder:
     def best_path(self, k: int) -> Path:
         return self.checkpoints / f"stage{k}_best.pt"
 
-    # -- state ----------------------------------------------------------------------------------
+    # -- state: every entry read is the folder's own, never a link (one UserError naming it) ------------
+    @staticmethod
+    def own(path: Path) -> Path:
+        """``path`` (a file of this folder, or one inside checkpoints/ or stages/) checked for reading: it and the
+        folder it sits in are absent or the run folder's own (:func:`~ssl_bench.runs.require_regular`)."""
+        path = Path(path)
+        if path.parent.name in (CHECKPOINTS, STAGES):
+            require_regular(path.parent, folder=True, reading=True)
+        return require_regular(path, reading=True)
+
     def has_config(self) -> bool:
-        return self.config_path.is_file()
+        return self.own(self.config_path).is_file()
 
     def is_finished(self) -> bool:
         """Evaluated: summary.json is there (a sweep skips the cell, a report reads it)."""
-        return self.summary_path.is_file()
+        return self.own(self.summary_path).is_file()
 
     def has_stage(self, k: int, which: str = "selected") -> bool:
-        return self.stage_path(k, which).is_file()
+        return self.own(self.stage_path(k, which)).is_file()
+
+    def has_metrics(self, which: str = "selected") -> bool:
+        return self.own(self.metrics_path(which)).is_file()
+
+    def has_log(self) -> bool:
+        return self.own(self.log_path).is_file()
 
     def finished_stages(self) -> set[int]:
+        require_regular(self.stages, folder=True, reading=True)
         return {int(m.group(1)) for p in self.stages.glob("stage*.pt") if (m := re.fullmatch(r"stage(\d+)", p.stem))}
 
     # -- JSON ------------------------------------------------------------------------------------
     def read_config(self, what_to_do: str | None = None) -> dict:
-        return read_json(self.config_path, what_to_do or _RUN_JSON[CONFIG][0], _RUN_JSON[CONFIG][1])
+        return read_json(self.own(self.config_path), what_to_do or _RUN_JSON[CONFIG][0], _RUN_JSON[CONFIG][1])
 
     def write_config(self, config: dict) -> None:
         atomic_write_json(self.config_path, config)
 
     def read_summary(self, what_to_do: str | None = None) -> dict:
-        return read_json(self.summary_path, what_to_do or _RUN_JSON[SUMMARY][0], _RUN_JSON[SUMMARY][1])
+        return read_json(self.own(self.summary_path), what_to_do or _RUN_JSON[SUMMARY][0], _RUN_JSON[SUMMARY][1])
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_json(self.summary_path, summary)
@@ -303,7 +319,7 @@ class RunFolder:
         import pandas as pd
 
         path = self.metrics_path(which)
-        if not path.is_file():
+        if not self.has_metrics(which):
             return pd.DataFrame(columns=list(METRIC_COLUMNS))
         try:
             df = pd.read_csv(path)
@@ -313,6 +329,9 @@ class RunFolder:
         missing = [c for c in METRIC_COLUMNS if c not in df.columns]
         if missing:
             raise UserError(f"{path} is damaged (no {missing[0]!r} column); run `ssl-bench eval {self.path}` to "
+                            f"rewrite it")
+        if df[["case", "post", "empty"]].isna().any().any():  # a row cut short lacks its last column
+            raise UserError(f"{path} is damaged (a row with a missing value); run `ssl-bench eval {self.path}` to "
                             f"rewrite it")
         return df
 
@@ -324,7 +343,7 @@ class RunFolder:
     def read_log(self) -> list[dict]:
         """Every complete line of log.jsonl (a line cut by an interruption is skipped)."""
         rows = []
-        for line in self.log_path.read_text().splitlines():
+        for line in self.own(self.log_path).read_text().splitlines():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
@@ -334,7 +353,7 @@ class RunFolder:
     def truncate_log(self, state: dict | None) -> None:
         """Keep the lines a resumed run stands on: up to the checkpoint ``state``, or (none) finished stages only."""
         log = self.log_path
-        if not log.is_file():
+        if not self.has_log():
             return
         keep_until = (state["stage"] + 1, state["iteration"]) if state else None
         lines = []
@@ -353,20 +372,20 @@ class RunFolder:
 
     # -- stage files -----------------------------------------------------------------------------
     def load_stage(self, k: int, which: str = "selected", what_to_do: str = RETRAIN) -> dict:
-        return load_stage_file(self.stage_path(k, which), what_to_do)
+        return load_stage_file(self.own(self.stage_path(k, which)), what_to_do)
 
     def save_stage(self, k: int, handed: dict, which: str = "selected") -> None:
         atomic_torch_save(handed, self.stage_path(k, which))
 
     def load_best(self, k: int) -> dict:
-        return load_stage_file(self.best_path(k))
+        return load_stage_file(self.own(self.best_path(k)))
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, state: dict) -> None:
         save_checkpoint(state, self.checkpoints)
 
     def last_checkpoint(self, what_to_do: str) -> dict:
-        return load_checkpoint_file(self.checkpoints / LAST, what_to_do)
+        return load_checkpoint_file(self.own(self.checkpoints / LAST), what_to_do)
 
     def load_checkpoint(self) -> dict | None:
         """The newest readable checkpoint generation (None: none written yet); says which one it used.
@@ -375,7 +394,7 @@ class RunFolder:
         file that would run code is refused outright.
         """
         folder = self.checkpoints
-        last, prev = folder / LAST, folder / PREVIOUS
+        last, prev = self.own(folder / LAST), self.own(folder / PREVIOUS)
         damaged = None
         if last.is_file():
             try:

@@ -382,12 +382,13 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def require_regular(path: Path, folder: bool = False) -> Path:
-    """``path`` as a run-folder entry ssl-bench may write: absent, or a regular file (``folder``: a real folder).
+def require_regular(path: Path, folder: bool = False, reading: bool = False) -> Path:
+    """``path`` as a run-folder entry ssl-bench may write (``reading``: or read): absent, or a regular file
+    (``folder``: a real folder).
 
     A symbolic link (even a dangling one) or anything else (a pipe, a device, a folder where a file belongs)
     is refused with one UserError naming it: writing through it could change or create a file outside
-    the run folder.
+    the run folder, and reading through it would take a file from elsewhere as the run's own.
     """
     path = Path(path)
     try:
@@ -398,8 +399,10 @@ def require_regular(path: Path, folder: bool = False) -> Path:
         raise UserError(f"cannot inspect {path} ({exc.strerror or exc})") from None
     wanted = "folder" if folder else "file"
     if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)):
-        raise UserError(f"refusing to use {path}: it is {_kind(mode)}, not a regular {wanted}, and writing through it "
-                        f"could change files outside the run folder; move it away (or put the {wanted} itself there)")
+        why = ("reading through it would take what is elsewhere as this run's own" if reading else
+               "writing through it could change files outside the run folder")
+        raise UserError(f"refusing to use {path}: it is {_kind(mode)}, not a regular {wanted}, and {why}; move it "
+                        f"away (or put the {wanted} itself there)")
     return path
 
 

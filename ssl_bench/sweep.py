@@ -12,7 +12,8 @@
 - A crashing trial is retried ``--max-failures`` times by Tune (FailureConfig); a retry continues
   the run folder from its last checkpoint. A cell that still fails is recorded as failed; the others
   go on. Attempts and tracebacks go to ``<runs-dir>/_sweeps/<experiment>/logs/<cell>.log``, the
-  outcome of every cell to ``<runs-dir>/_sweeps/<experiment>/status.json``.
+  outcome of every cell to ``<runs-dir>/_sweeps/<experiment>/status.json``, with what the sweep was
+  launched with (data, resources, ``--only``, ``--address``, ``--max-concurrent``, ``--max-failures``).
 - Before anything is trained, every cell is checked against the data set (its labeled count, validation
   cases and ``--units mm`` against the data set's lists and spacings; also under ``--dry-run`` when the data
   is there): an impossible cell is one line and exit 2, not a trial that Ray retries.
@@ -103,6 +104,7 @@ def classify(cells: list[Cell], runs_dir: Path, gpus_per_trial: float, resume: b
             if not folder.has_config():
                 problems.append(f"{out} has {SUMMARY} but no {CONFIG}")
                 continue
+            folder.read_summary()  # complete only if its record is whole: one line naming a damaged one
             stored = folder.read_config()
             diff = same_run(stored["config"], wanted)
             if diff:
@@ -357,6 +359,9 @@ def run_sweep(experiment, data_dir=None, runs_dir="runs", gpus_per_trial: float 
             atomic_write_json(state_dir / "status.json", {
                 "experiment": exp.name, "file": str(exp.path), "data": data_root,
                 "resources": {"gpus_per_trial": gpus_per_trial, "cpus_per_trial": cpus_per_trial},
+                # the rest of the launch: which cells (--only), how Tune ran them (issue 23: every option recorded)
+                "only": list(only), "ray": {"address": address, "max_concurrent_trials": max_concurrent,
+                                            "max_failures": max_failures},
                 "updated": _dt.datetime.now().isoformat(timespec="seconds"), "cells": status})
 
         if todo:

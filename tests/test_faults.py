@@ -358,6 +358,17 @@ def test_sweep_resume_refuses_a_reordered_train_list(base, tmp_path, capsys):
     assert tree(data, run) == before
 
 
+def test_sweep_refuses_a_finished_cell_whose_summary_is_damaged(base, tmp_path, capsys):
+    """A finished cell counts as complete only if its summary.json reads: a damaged one is one line, not skipped."""
+    exp, run = _cell_folder(base, tmp_path, "full")
+    (run / "summary.json").write_text('{"metrics": ')
+    before = tree(run)
+    assert cli("sweep", exp, "--data", base["data"], "--runs-dir", run.parent, "--resume") == 2
+    line = one_line(capsys)
+    assert str(run / "summary.json") in line and "is damaged" in line, line
+    assert tree(run) == before
+
+
 def test_report_refuses_a_reordered_test_list(base, tmp_path, capsys):
     data = _reordered(base, tmp_path, "test.list", 0, 1)
     exp, run = _cell_folder(base, tmp_path, "full")

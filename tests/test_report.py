@@ -381,6 +381,34 @@ def test_a_broken_metrics_csv_is_one_line_naming_it(tmp_path, runs_copy, capsys,
     assert str(path) in line and "is damaged" in line
 
 
+@pytest.mark.parametrize("damage, words", [
+    ("cut short", "a row with a missing value"),
+    ("a row dropped", "rows, the summary counts"),
+    ("a value edited", "its mean lcc dice is"),
+])
+def test_a_metrics_csv_that_disagrees_with_its_summary_is_one_line(tmp_path, runs_copy, capsys, damage, words):
+    """Issue 23: the per-case CSV is checked against the summary.json it was written with (row count and means per
+    post-processing), so a CSV cut short, losing a row or edited by hand never reaches the box plots and the tests."""
+    path = runs_copy / "omf-L8-s1-honest" / "metrics_per_case.csv"
+    lines = path.read_text().splitlines()
+    if damage == "cut short":
+        text = "\n".join(lines) + "\n"
+        path.write_text(text[: text.rindex(",")])  # the last row loses its last column
+    elif damage == "a row dropped":
+        path.write_text("\n".join(lines[:-1]) + "\n")
+    else:
+        head = lines[0].split(",")
+        row = next(i for i, ln in enumerate(lines) if ln.split(",")[head.index("post")] == "lcc")
+        cells = lines[row].split(",")
+        cells[head.index("dice")] = repr(float(cells[head.index("dice")]) + 0.01)
+        lines[row] = ",".join(cells)
+        path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    line = _refused(capsys, tmp_path, FIX / "experiment.toml", "--runs-dir", runs_copy, out=out)
+    assert str(path) in line and words in line, line
+    assert not out.exists()
+
+
 def test_every_csv_has_its_header_when_nothing_is_paired(tmp_path, runs_copy):
     # the reference method (omf) has no finished run: nothing to pair
     for d in runs_copy.glob("omf-*"):

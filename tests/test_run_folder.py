@@ -88,3 +88,45 @@ def test_truncate_log_keeps_what_a_resume_stands_on(tmp_path):
     assert [(r["stage"], r["iteration"]) for r in f.read_log()] == [(1, 1), (1, 2), (2, 1), (2, 2)]
     f.truncate_log(None)  # no checkpoint: finished stages only
     assert [(r["stage"], r["iteration"]) for r in f.read_log()] == [(1, 1), (1, 2)]
+
+
+@pytest.mark.parametrize("entry, read", [
+    ("config.json", lambda f: f.read_config()),
+    ("config.json", lambda f: f.has_config()),
+    ("summary.json", lambda f: f.read_summary()),
+    ("summary.json", lambda f: f.is_finished()),
+    ("metrics_per_case.csv", lambda f: f.read_metrics()),
+    ("log.jsonl", lambda f: f.read_log()),
+    ("stages", lambda f: f.finished_stages()),
+    ("stages", lambda f: f.load_stage(1)),
+    ("stages/stage1.pt", lambda f: f.load_stage(1)),
+    ("checkpoints", lambda f: f.load_checkpoint()),
+    ("checkpoints/last.pt", lambda f: f.load_checkpoint()),
+])
+def test_every_reader_refuses_an_entry_that_is_a_link(tmp_path, entry, read):
+    """Issue 23: an entry of a run folder read through a symbolic link would take a file from elsewhere as the run's
+    own (a linked summary.json made an interrupted cell count as complete); every reader refuses it in one line."""
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    (run / "stages").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    elsewhere.mkdir()
+    target = elsewhere / Path(entry).name
+    if entry in ("stages", "checkpoints"):
+        (run / entry).rmdir()
+        target.mkdir()
+    else:
+        target.write_text("{}")
+    (run / entry).symlink_to(target, target_is_directory=target.is_dir())
+    with pytest.raises(UserError, match=f"refusing to use {re.escape(str(run / entry))}: it is a symbolic link.*"
+                                        "reading through it"):
+        read(RunFolder(run))
+
+
+def test_a_metrics_row_cut_short_is_one_line(tmp_path):
+    f = RunFolder(tmp_path)
+    f.write_metrics([{"case": c, "post": "raw", "dice": 0.5, "jaccard": 0.3, "hd95": 2.0, "asd": 0.5, "empty": False}
+                     for c in ("A", "B")])
+    text = f.metrics_path().read_text()
+    f.metrics_path().write_text(text[: text.rindex(",")])
+    with pytest.raises(UserError, match="is damaged .a row with a missing value"):
+        f.read_metrics()
