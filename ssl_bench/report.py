@@ -456,7 +456,7 @@ def _write_tables(exp: Experiment, rows: list[Row], dirs: list[Path], out: Path,
         atomic_write_text(out / "ordering.csv", order.to_csv(index=False))
         written["ordering.csv"] = out / "ordering.csv"
         md.append(track_report.ordering_markdown(order, exp.order_against, exp.compare_to))
-        md.append(track_report.budget_markdown(rows))
+        md.append(track_report.budget_markdown(rows, exp))
     return written, md, tex
 
 

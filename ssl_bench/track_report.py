@@ -131,8 +131,14 @@ def ordering_markdown(df: pd.DataFrame, table: str, reference: str | None) -> st
     return "".join(out)
 
 
-def budget_markdown(rows) -> str:
-    """Measured wall time of the finished cells: per cell and in all (a reused stage 1 counted where it ran)."""
+#: Table 1's methods: their first-seed cells are the CPU track's budgeted grid (docs/methods.md, Decision 10)
+TABLE1_METHODS = ("vnet", "uamt", "sassnet", "dtc", "ssnet", "bcp", "omf")
+BUDGET_HOURS = 4
+
+
+def budget_markdown(rows, exp: Experiment | None = None) -> str:
+    """Measured wall time of the finished cells: per cell and in all (a reused stage 1 counted where it ran), and
+    (given the experiment) one seed of Table 1's grid against the track's budget."""
     seen, total, lines = set(), 0.0, []
     for row in rows:
         for run in row.runs:
@@ -146,7 +152,22 @@ def budget_markdown(rows) -> str:
             lines.append((run.cell.id, seconds / 60))
     if not lines:
         return ""
+    grid = ""
+    if exp is not None:
+        plan = exp.plan()
+        first = min(c.seed for c in plan)
+        cells = {c.id: c for c in plan if c.seed == first and c.method in TABLE1_METHODS}
+        cells.update({c.teacher: None for c in list(cells.values()) if c.teacher})  # the stage 1 they reuse
+        done = [m for cid, m in lines if cid in cells]
+        if done:
+            spent = sum(done)
+            rest = "" if len(done) == len(cells) else f", {len(cells) - len(done)} not yet"
+            grid = (f" One seed of Table 1's grid (seed {first}: {len(cells)} runs, the stage-1 runs OMF reuses "
+                    f"included) against the track's budget of {BUDGET_HOURS} h: {spent:.0f} min ({spent / 60:.2f} h) "
+                    f"for the {len(done)} finished{rest}. Each is the wall time of the run as it happened, on the "
+                    "device its record names: a run that shared its cores with other work counts slower than it "
+                    "trains alone.")
     body = "".join(f"| {cid} | {m:.1f} |\n" for cid, m in sorted(lines))
     return ("\n## Measured time\n\nTraining + evaluation wall time of each finished run, as recorded in its "
             f"{SUMMARY} (a stage 1 reused from another run counts there, once). In all: {total:.0f} min "
-            f"({total / 60:.2f} h) for {len(lines)} runs.\n\n| Run | Minutes |\n|---|---|\n" + body)
+            f"({total / 60:.2f} h) for {len(lines)} runs.{grid}\n\n| Run | Minutes |\n|---|---|\n" + body)

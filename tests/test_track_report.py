@@ -140,6 +140,34 @@ def test_the_ordering_page_ranks_methods_beside_the_papers_order(setup):
     assert "τ = 1.00" in md
     assert "| BCP | 1 | 90.00 | 1 | 1 |" in md  # our Dice in %, as in the tables
     assert "## Measured time" in md and "In all: 44 min" in md  # 4 runs × (600 + 60) s
+    # the first seed's Table 1 cells against the 4-hour budget (all 4 finished here)
+    assert "One seed of Table 1's grid (seed 1: 4 runs, " in md and ": 44 min (0.73 h) for the 4 finished." in md
+
+
+def test_the_budget_counts_the_first_seeds_table1_cells_and_the_stage1_runs_omf_reuses(setup):
+    from ssl_bench.experiments import load_experiment
+    from ssl_bench.track_report import budget_markdown
+
+    tmp, path, exp, runs = setup
+    grid = tmp / "grid.toml"
+    grid.write_text(EXPERIMENT.replace("seeds = [1]", "seeds = [1, 2]") + '\n[[grid]]\nmethods = ["omf"]\nlabeled = [8]\n'
+                    '\n[[grid]]\nmethods = ["omf-s1"]\nlabeled = [8]\n')
+    exp = load_experiment(grid)
+
+    def row(cid, minutes):
+        cell = next(c for c in exp.plan() if c.id == cid)
+        summary = {"timings": {"stage1": {"train_s": 60.0 * minutes}}}
+        return type("Row", (), {"runs": [type("Run", (), {"cell": cell, "summary": summary})()]})()
+
+    ids = {c.id: c for c in exp.plan()}
+    omf = next(c for c in exp.plan() if c.method == "omf" and c.seed == 1)
+    second = next(c for c in exp.plan() if c.method == "vnet" and c.seed == 2)
+    s1 = next(c for c in exp.plan() if c.method == "omf-s1")
+    assert omf.teacher in ids
+    md = budget_markdown([row(omf.id, 10), row(omf.teacher, 5), row(second.id, 100), row(s1.id, 1000)], exp)
+    # seed 1: vnet, uamt, bcp honest + val, omf, and the omf-s1-orgloss run it reuses = 6 runs; seed 2 and the
+    # Table 2 variant count in the total only
+    assert "In all: 1115 min" in md and "(seed 1: 6 runs, " in md and ": 15 min (0.25 h) for the 2 finished, 4 not yet." in md
 
 
 def test_the_report_regenerates_byte_for_byte(setup):
