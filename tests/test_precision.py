@@ -15,6 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -279,14 +280,15 @@ def test_report_never_averages_or_pairs_across_precisions(tmp_path):
         summary = json.loads((dst / "summary.json").read_text())
         summary["metrics"]["raw"]["dice"] -= 0.2
         (dst / "summary.json").write_text(json.dumps(summary))
+        per_case = pd.read_csv(dst / "metrics_per_case.csv")  # the per-case Dice it was computed from, too
+        per_case.loc[per_case["post"] == "raw", "dice"] -= 0.2
+        per_case.to_csv(dst / "metrics_per_case.csv", index=False)
     exp_path = _experiment(tmp_path, 'compare_to = "omf"\n[[grid]]\nmethods = ["vnet", "omf"]\nlabeled = [8]\n'
                                      '[[grid]]\nmethods = ["vnet"]\nlabeled = [8]\nprecision = "bf16"\n')
     exp = load_experiment(exp_path, methods=PLANNED_METHODS)
     rows = {(r.method, r.precision): r for r in collect(exp, runs)}
     assert set(rows) == {("vnet", "tf32"), ("omf", "tf32"), ("vnet", "bf16")}
     write_report(exp, runs, tmp_path / "out", echo=lambda *_: None)
-    import pandas as pd
-
     df = pd.read_csv(tmp_path / "out" / "table.csv")
     raw = df[(df.method == "vnet") & (df.post == "raw")].set_index("precision")
     assert raw.loc["tf32", "dice_mean"] == pytest.approx(76.0) and raw.loc["bf16", "dice_mean"] == pytest.approx(56.0)

@@ -16,6 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -376,6 +377,10 @@ def _val_folder(runs: Path, seed: int, val_lcc: float, last_lcc: float, iteratio
     summary["metrics"]["lcc"]["dice"] = val_lcc
     summary["last"]["metrics"]["lcc"]["dice"] = last_lcc
     (dst / "summary.json").write_text(json.dumps(summary))
+    per_case = pd.read_csv(dst / "metrics_per_case.csv")  # its per-case Dice shifted to the summary's mean
+    lcc = per_case["post"] == "lcc"
+    per_case.loc[lcc, "dice"] += val_lcc - per_case.loc[lcc, "dice"].mean()
+    per_case.to_csv(dst / "metrics_per_case.csv", index=False)
     config = json.loads((dst / "config.json").read_text())
     config["config"] = Cell("omf", 8, seed, "val").config().to_json()
     (dst / "config.json").write_text(json.dumps(config))
