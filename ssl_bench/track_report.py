@@ -131,8 +131,7 @@ def ordering_markdown(df: pd.DataFrame, table: str, reference: str | None) -> st
     return "".join(out)
 
 
-#: Table 1's methods: their first-seed cells are the CPU track's budgeted grid (docs/methods.md, Decision 10)
-TABLE1_METHODS = ("vnet", "uamt", "sassnet", "dtc", "ssnet", "bcp", "omf")
+#: the CPU track's budget for one seed of Table 1's grid (docs/methods.md, Decision 10)
 BUDGET_HOURS = 4
 
 
@@ -156,8 +155,8 @@ def budget_markdown(rows, exp: Experiment | None = None) -> str:
     if exp is not None:
         plan = exp.plan()
         first = min(c.seed for c in plan)
-        cells = {c.id: c for c in plan if c.seed == first and c.method in TABLE1_METHODS}
-        cells.update({c.teacher: None for c in list(cells.values()) if c.teacher})  # the stage 1 they reuse
+        grid_cells = [c for c in plan if c.seed == first and (c.method, c.labeled) in published.TABLE1]
+        cells = {c.id for c in grid_cells} | {c.teacher for c in grid_cells if c.teacher}  # + the stage 1 reused
         done = [m for cid, m in lines if cid in cells]
         if done:
             spent = sum(done)
