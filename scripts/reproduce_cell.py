@@ -1,22 +1,38 @@
 #!/usr/bin/env python3
 """Re-train a committed run record from its config.json and compare: the same seed on CPU gives identical numbers.
 
-    python scripts/reproduce_cell.py results/cpu/runs/vnet-L8-s1337-val-cpu-fp32 --data data/LA-z05 [--out DIR]
+    python scripts/reproduce_cell.py results/cpu/runs/vnet-L8-s1337-val-cpu-fp32 --data data/LA-z05 [--out DIR] [--save]
 
-Run it from a checkout of the commit the record names (config.json "provenance"); it says which commit that is
-and which one it runs. It trains the run again with the recorded settings into DIR (default: a temporary
-folder), then compares log.jsonl (all but the timing fields) and every metrics_per_case*.csv byte for byte.
-Exit 0 when everything is identical, 1 when anything differs (the first difference is printed).
+Run it with the code of the commit the record names (config.json "provenance"): from a checkout of that commit, or
+this script with `PYTHONPATH=<a worktree at that commit>`. It says which commit the record names and which one it
+runs. It trains the run again with the recorded settings into DIR (default: a temporary folder), then compares
+log.jsonl (all but the timing fields) and every metrics_per_case*.csv byte for byte.
+
+A record that reused another run's stage 1 (`run --teacher`) is re-trained from that run's stage 1: the recorded
+teacher folder, or --teacher (its weights are not committed: they must be on this machine).
+
+--save writes the outcome, the re-run's wall and CPU time and the load average before and after it to
+<the record's runs folder>/_reproductions/<run>.json (atomically), which `ssl-bench report` reads: its "Measured
+time" section sets a re-run's minutes beside the record's own. Re-run with nothing else on the machine for a
+timing that measures the run alone.
+
+Exit 0 when everything is identical, 1 when anything differs (the first difference is printed), 2 on bad input.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import tempfile
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 TIMING = ("it_per_s", "elapsed_s")
+REPRODUCTIONS = "_reproductions"
 
 
 def _log(path: Path) -> list[dict]:
@@ -24,35 +40,76 @@ def _log(path: Path) -> list[dict]:
             for line in path.read_text().splitlines() if line.strip()]
 
 
+def _cpu_seconds() -> float:
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
+def compare(record: Path, again: Path) -> tuple[str | None, int, list[str]]:
+    """(the first difference or None, log lines compared, metrics files compared)"""
+    a, b = _log(record / "log.jsonl"), _log(again / "log.jsonl")
+    csvs = sorted(p.name for p in record.glob("metrics_per_case*.csv"))
+    if a != b:
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return f"log.jsonl differs at line {first + 1}", len(a), csvs
+    for csv in csvs:
+        if not (again / csv).is_file() or (record / csv).read_bytes() != (again / csv).read_bytes():
+            return f"{csv} differs", len(a), csvs
+    return None, len(a), csvs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("record", type=Path)
     ap.add_argument("--data", required=True, help="the data the record was trained on (its sha256 are checked)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--teacher", type=Path, default=None,
+                    help="the run folder whose stage 1 the record reused (default: the recorded one)")
+    ap.add_argument("--save", action="store_true",
+                    help=f"write the outcome and the re-run's timings to <runs folder>/{REPRODUCTIONS}/<run>.json")
     args = ap.parse_args(argv)
 
-    from ssl_bench.runs import provenance
+    from ssl_bench.errors import UserError
+    from ssl_bench.runs import atomic_write_json, provenance
     from ssl_bench.trainer import RunConfig, run_training
 
-    config = json.loads((args.record / "config.json").read_text())
-    cfg = RunConfig.from_json(config["config"])
-    if cfg.teacher:
-        print("a record that reused another run's stage 1 (--teacher): reproduce that run first", file=sys.stderr)
+    try:
+        config = json.loads((args.record / "config.json").read_text())
+        cfg = RunConfig.from_json(config["config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"{args.record}: not a run record ({exc})", file=sys.stderr)
         return 2
+    if cfg.teacher or args.teacher:
+        teacher = args.teacher or Path(cfg.teacher)
+        if not (teacher / "stages" / "stage1.pt").is_file():
+            print(f"{args.record.name} re-trains from the stage 1 of {teacher}, whose weights are not here: "
+                  "re-run that record first, or give --teacher", file=sys.stderr)
+            return 2
+        cfg = replace(cfg, teacher=str(teacher))
     recorded, now = config["provenance"].get("git"), provenance().get("git")
     print(f"record made at {recorded}; reproducing at {now}")
     out = args.out or Path(tempfile.mkdtemp(prefix="reproduce-")) / args.record.name
-    run_training(cfg, out, args.data, progress=False)
-    a, b = _log(args.record / "log.jsonl"), _log(out / "log.jsonl")
-    if a != b:
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        print(f"log.jsonl differs at line {first + 1}", file=sys.stderr)
+    load_before, cpu0, t0 = os.getloadavg(), _cpu_seconds(), time.perf_counter()
+    try:
+        summary = run_training(cfg, out, args.data, progress=False)
+    except UserError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    wall, cpu, load_after = time.perf_counter() - t0, _cpu_seconds() - cpu0, os.getloadavg()
+    difference, n_lines, csvs = compare(args.record, out)
+    if args.save:
+        import torch
+        atomic_write_json(args.record.parent / REPRODUCTIONS / f"{args.record.name}.json", {
+            "run": args.record.name, "record_git": recorded, "reproduced_git": now, "identical": difference is None,
+            "difference": difference, "log_lines": n_lines, "metrics_files": csvs,
+            "teacher": cfg.teacher, "timings": summary.get("timings", {}), "wall_s": round(wall, 3),
+            "cpu_s": round(cpu, 3), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
+            "host": provenance().get("host"), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    if difference is not None:
+        print(difference, file=sys.stderr)
         return 1
-    for csv in sorted(p.name for p in args.record.glob("metrics_per_case*.csv")):
-        if (args.record / csv).read_bytes() != (out / csv).read_bytes():
-            print(f"{csv} differs", file=sys.stderr)
-            return 1
-    print(f"identical: {len(a)} log lines and every per-case metrics file ({out})")
+    print(f"identical: {n_lines} log lines and every per-case metrics file ({out}); {wall / 60:.1f} min")
     return 0
 
 

@@ -342,6 +342,7 @@ def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion
         exp = dataclasses.replace(exp, paper=None)
     units = distance_units(rows)
     tests = wilcoxon_tests(rows, exp.compare_to)
+    reruns = track_report.reproductions(dirs) if exp.order_against else {}
     occlusion_source = occlusion_rows = None
     if exp.occlusion is not None:
         occlusion_source = Path(occlusion).resolve() if occlusion is not None else out / "occlusion"
@@ -359,7 +360,7 @@ def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion
     except OSError as exc:
         raise UserError(f"cannot create the output folder {out} ({exc.strerror or exc})") from None
     with lock_folder(out, busy=f"{out} is being written by another `ssl-bench report`"):
-        written, md, tex = _write_tables(exp, rows, dirs, out, units, tests, imported)
+        written, md, tex = _write_tables(exp, rows, dirs, out, units, tests, imported, reruns)
         if exp.occlusion is not None:
             md.append(occlusion_section(exp, occlusion_rows, occlusion_source, out, written))
         figures = sorted(n for n in written if n.endswith(".png"))
@@ -377,8 +378,9 @@ def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion
 
 
 def _write_tables(exp: Experiment, rows: list[Row], dirs: list[Path], out: Path, units: str, tests: pd.DataFrame,
-                  imported: list[str]) -> tuple[dict, list[str], list[str]]:
-    """The CSVs and plots into ``out``; returns what it wrote and table.md's and table.tex's parts so far."""
+                  imported: list[str], reruns: dict[str, dict]) -> tuple[dict, list[str], list[str]]:
+    """The CSVs and plots into ``out``; returns what it wrote and table.md's and table.tex's parts so far.
+    ``reruns``: the runs re-trained by scripts/reproduce_cell.py --save (track_report.reproductions)."""
     protocols = list(dict.fromkeys(r.protocol for r in rows))
     precisions = precisions_of(exp)
     header = main_header(units)
@@ -456,7 +458,7 @@ def _write_tables(exp: Experiment, rows: list[Row], dirs: list[Path], out: Path,
         atomic_write_text(out / "ordering.csv", order.to_csv(index=False))
         written["ordering.csv"] = out / "ordering.csv"
         md.append(track_report.ordering_markdown(order, exp.order_against, exp.compare_to))
-        md.append(track_report.budget_markdown(rows, exp))
+        md.append(track_report.budget_markdown(rows, exp, reruns))
     return written, md, tex
 
 

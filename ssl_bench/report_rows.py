@@ -197,9 +197,7 @@ def _check_split(folder: RunFolder, config: dict) -> None:
 def run_minutes(summary: dict, config: dict) -> float:
     """Training (every stage) plus evaluation wall time; a stage 1 adopted via --teacher counts with its own time."""
     timings = summary.get("timings", {})
-    seconds = sum(v.get("train_s", 0.0) for k, v in timings.items() if k.startswith("stage"))
-    ev = timings.get("eval", {})
-    seconds += ev.get("inference_s", 0.0) + ev.get("metrics_s", 0.0)
+    seconds = track_report.run_seconds(timings)
     teacher = (config.get("config") or {}).get("teacher")
     if teacher and "stage1" not in timings and RunFolder(teacher).is_finished():
         seconds += RunFolder(teacher).read_summary().get("timings", {}).get("stage1", {}).get("train_s", 0.0)

@@ -12,6 +12,10 @@
   (Kendall's τ), with which differences from the reference method are significant (paired Wilcoxon). Only
   ranks of the paper appear, never its numbers beside ours: the track is not the paper. Its numbers come from
   ``ssl_bench.report_rows.ordering_frame``; this module writes the page.
+- **Measured time.** Each run's training + evaluation wall time against the track's budget. A run re-trained at
+  its recorded commit by ``scripts/reproduce_cell.py --save`` (``<runs-dir>/_reproductions/<run>.json``) shows its
+  re-run's minutes and whether it was identical; the budget takes the quicker of the two measurements of an
+  identical training (a run that shared its cores with other work counts slower than it trains alone).
 
 This module reads run folders only through :class:`ssl_bench.run_folder.RunFolder` and imports no other report
 module but ssl_bench/report_format.py, so ssl_bench/report_rows.py can use it (no import cycle).
@@ -30,6 +34,7 @@ from .errors import UserError
 from .experiments import Cell, Experiment, same_run
 from .report_format import markdown_table
 from .run_folder import CONFIG, SUMMARY, RunFolder
+from .runs import read_json, require_regular
 
 VAL_LAST_NOTE = "= last of val"
 VAL_LAST_TEXT = ("honest (= last of val): a single-stage method trains the same batches under val as under honest "
@@ -135,38 +140,83 @@ def ordering_markdown(df: pd.DataFrame, table: str, reference: str | None) -> st
 BUDGET_HOURS = 4
 
 
-def budget_markdown(rows, exp: Experiment | None = None) -> str:
+#: where scripts/reproduce_cell.py --save leaves a re-run's outcome and timing, in a runs folder: <run id>.json
+REPRODUCTIONS = "_reproductions"
+_RERUN_KEYS = ("run", "identical", "wall_s", "record_git", "reproduced_git")
+
+
+def reproductions(dirs: list[Path]) -> dict[str, dict]:
+    """The re-runs recorded by ``scripts/reproduce_cell.py --save`` in the runs folders, by run id (read with the
+    run folders' own rules: a linked or damaged file is refused in one line)."""
+    found: dict[str, dict] = {}
+    for d in dirs:
+        folder = require_regular(Path(d) / REPRODUCTIONS, folder=True, reading=True)
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("*.json")):
+            rerun = read_json(require_regular(path, reading=True), "re-run scripts/reproduce_cell.py --save")
+            if not isinstance(rerun, dict) or any(k not in rerun for k in _RERUN_KEYS) \
+                    or rerun["run"] != path.stem or not isinstance(rerun["wall_s"], (int, float)):
+                raise UserError(f"{path} is damaged (not a re-run record of {path.stem}); "
+                                "re-run scripts/reproduce_cell.py --save")
+            found.setdefault(path.stem, rerun)
+    return found
+
+
+def run_seconds(timings: dict) -> float:
+    """Training (every stage this run trained) plus evaluation, from a summary's "timings"."""
+    seconds = sum(v.get("train_s", 0.0) for k, v in timings.items() if k.startswith("stage"))
+    ev = timings.get("eval", {})
+    return seconds + (ev.get("inference_s", 0.0) + ev.get("metrics_s", 0.0))  # as table.csv has always summed
+
+
+def budget_markdown(rows, exp: Experiment | None = None, reruns: dict[str, dict] | None = None) -> str:
     """Measured wall time of the finished cells: per cell and in all (a reused stage 1 counted where it ran), and
-    (given the experiment) one seed of Table 1's grid against the track's budget."""
-    seen, total, lines = set(), 0.0, []
+    (given the experiment) one seed of Table 1's grid against the track's budget. ``reruns``
+    (:func:`reproductions`): a run re-trained at its recorded commit also shows the re-run's minutes and whether
+    it was identical; the grid's figure then takes each run's quicker measurement of an identical training."""
+    reruns = reruns or {}
+    seen, lines = set(), []
     for row in rows:
         for run in row.runs:
             if run.cell.id in seen:
                 continue
             seen.add(run.cell.id)
-            timings = run.summary.get("timings", {})
-            seconds = sum(v.get("train_s", 0.0) for k, v in timings.items() if k.startswith("stage"))
-            seconds += timings.get("eval", {}).get("inference_s", 0.0) + timings.get("eval", {}).get("metrics_s", 0.0)
-            total += seconds / 60
-            lines.append((run.cell.id, seconds / 60))
+            rerun = reruns.get(run.cell.id)
+            again = run_seconds(rerun.get("timings") or {}) / 60 if rerun else None
+            lines.append((run.cell.id, run_seconds(run.summary.get("timings", {})) / 60, again,
+                          None if rerun is None else bool(rerun["identical"])))
     if not lines:
         return ""
+    total = sum(m for _, m, _, _ in lines)
+    quicker = {cid: min(m, again) if again is not None and same else m for cid, m, again, same in lines}
     grid = ""
     if exp is not None:
         plan = exp.plan()
         first = min(c.seed for c in plan)
         grid_cells = [c for c in plan if c.seed == first and (c.method, c.labeled) in published.TABLE1]
         cells = {c.id for c in grid_cells} | {c.teacher for c in grid_cells if c.teacher}  # + the stage 1 reused
-        done = [m for cid, m in lines if cid in cells]
+        done = [cid for cid, *_ in lines if cid in cells]
         if done:
-            spent = sum(done)
+            spent = sum(quicker[cid] for cid in done)
             rest = "" if len(done) == len(cells) else f", {len(cells) - len(done)} not yet"
+            rerun_note = ("" if not any(cid in reruns for cid in done) else
+                          " Where a run was re-trained at its recorded commit with identical numbers, the quicker "
+                          "of its two measurements counts.")
             grid = (f" One seed of Table 1's grid (seed {first}: {len(cells)} runs, the stage-1 runs OMF reuses "
                     f"included) against the track's budget of {BUDGET_HOURS} h: {spent:.0f} min ({spent / 60:.2f} h) "
                     f"for the {len(done)} finished{rest}. Each is the wall time of the run as it happened, on the "
                     "device its record names: a run that shared its cores with other work counts slower than it "
-                    "trains alone.")
-    body = "".join(f"| {cid} | {m:.1f} |\n" for cid, m in sorted(lines))
-    return ("\n## Measured time\n\nTraining + evaluation wall time of each finished run, as recorded in its "
-            f"{SUMMARY} (a stage 1 reused from another run counts there, once). In all: {total:.0f} min "
-            f"({total / 60:.2f} h) for {len(lines)} runs.{grid}\n\n| Run | Minutes |\n|---|---|\n" + body)
+                    f"trains alone.{rerun_note}")
+    intro = ("\n## Measured time\n\nTraining + evaluation wall time of each finished run, as recorded in its "
+             f"{SUMMARY} (a stage 1 reused from another run counts there, once). In all: {total:.0f} min "
+             f"({total / 60:.2f} h) for {len(lines)} runs.{grid}\n\n")
+    if not reruns:
+        return intro + "| Run | Minutes |\n|---|---|\n" + "".join(f"| {cid} | {m:.1f} |\n" for cid, m, _, _ in sorted(lines))
+    body = "".join(f"| {cid} | {m:.1f} | " + ("" if again is None else f"{again:.1f}") + " | "
+                   + ("" if same is None else "identical" if same else "**differs**") + " |\n"
+                   for cid, m, again, same in sorted(lines))
+    return (intro + f"Re-run: the run re-trained by `scripts/reproduce_cell.py --save` at its recorded commit "
+            f"(`{REPRODUCTIONS}/` in the runs folder: the commit, the load average before and after, the CPU "
+            "time), and whether its log and per-case metrics were identical to the record's.\n\n"
+            "| Run | Minutes | Re-run minutes | Re-run |\n|---|---|---|---|\n" + body)

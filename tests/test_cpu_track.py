@@ -62,13 +62,18 @@ def test_bf16_on_a_cpu_without_bf16_falls_back_to_fp32_in_one_line(tmp_path, mon
     assert config["numerics"]["autocast"] is None
 
 
-def test_reproduce_cell_retrains_a_record_to_identical_numbers(tmp_path, capsys):
+def _reproduce_cell():
     import importlib.util
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("reproduce_cell", Path(__file__).parents[1] / "scripts" / "reproduce_cell.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reproduce_cell_retrains_a_record_to_identical_numbers(tmp_path, capsys):
+    mod = _reproduce_cell()
     data = make_tiny_la(tmp_path / "LA", n_train=6, n_test=1)
     record = tmp_path / "record"
     assert main(["run", "--method", "dtc", "--labeled", "2", "--data", str(data), "--profile", "smoke", "--device", "cpu",
@@ -79,3 +84,67 @@ def test_reproduce_cell_retrains_a_record_to_identical_numbers(tmp_path, capsys)
     csv = record / "metrics_per_case.csv"
     csv.write_text(csv.read_text().replace("raw", "RAW", 1))
     assert mod.main([str(record), "--data", str(data), "--out", str(tmp_path / "third")]) == 1
+
+
+def test_reproduce_cell_saves_its_outcome_and_timing_for_the_report(tmp_path, capsys):
+    from ssl_bench.track_report import REPRODUCTIONS, reproductions
+
+    mod = _reproduce_cell()
+    data = make_tiny_la(tmp_path / "LA", n_train=8, n_test=1)
+    runs = tmp_path / "runs"
+    args = ["--labeled", "4", "--data", str(data), "--profile", "smoke", "--device", "cpu", "--patch", "16,16,16",
+            "--n-filters", "2", "--iterations", "2", "--quiet"]
+    teacher, student = runs / "bcp", runs / "bcp-student"
+    assert main(["run", "--method", "bcp", *args, "--out", str(teacher)]) == 0
+    assert main(["run", "--method", "bcp", *args, "--teacher", str(teacher), "--out", str(student)]) == 0
+    assert mod.main([str(teacher), "--data", str(data), "--save"]) == 0
+    # a record that reused a stage 1 is re-trained from that run's stage 1 (the recorded teacher)
+    assert mod.main([str(student), "--data", str(data), "--save"]) == 0
+    saved = reproductions([runs])
+    assert set(saved) == {"bcp", "bcp-student"}
+    for name, rerun in saved.items():
+        recorded = json.loads((runs / name / "config.json").read_text())["provenance"]["git"]
+        assert rerun["identical"] is True and rerun["difference"] is None and rerun["record_git"] == recorded
+        assert rerun["wall_s"] > 0 and rerun["cpu_s"] > 0 and len(rerun["loadavg_before"]) == 3
+        assert rerun["metrics_files"] == ["metrics_per_case.csv"] and rerun["log_lines"] > 0
+        trained = {"stage1", "stage2"} if name == "bcp" else {"stage2"}
+        assert {k for k in rerun["timings"] if k.startswith("stage")} == trained
+    assert saved["bcp-student"]["teacher"] == str(teacher) and saved["bcp"]["teacher"] is None
+    # a re-run that differs is saved as such (exit 1)
+    csv = teacher / "metrics_per_case.csv"
+    csv.write_text(csv.read_text().replace("raw", "RAW", 1))
+    assert mod.main([str(teacher), "--data", str(data), "--save"]) == 1
+    again = json.loads((runs / REPRODUCTIONS / "bcp.json").read_text())
+    assert again["identical"] is False and again["difference"] == "metrics_per_case.csv differs"
+    # without the teacher's stage-1 weights: one line, exit 2, nothing saved
+    (teacher / "stages" / "stage1.pt").unlink()
+    before = (runs / REPRODUCTIONS / "bcp-student.json").read_bytes()
+    capsys.readouterr()
+    assert mod.main([str(student), "--data", str(data), "--save"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "whose weights are not here" in err[0]
+    assert (runs / REPRODUCTIONS / "bcp-student.json").read_bytes() == before
+
+
+def test_reproduce_cell_compares_everything_but_the_timing_fields(tmp_path):
+    mod = _reproduce_cell()
+    lines = [{"stage": 1, "iteration": 10, "loss": 0.5, "it_per_s": 2.0, "elapsed_s": 5.0},
+             {"stage": 1, "iteration": 20, "loss": 0.25, "it_per_s": 2.0, "elapsed_s": 10.0}]
+    record, again = tmp_path / "record", tmp_path / "again"
+    for d in (record, again):
+        d.mkdir()
+        (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        for name in ("metrics_per_case.csv", "metrics_per_case_last.csv"):
+            (d / name).write_text(f"case,post,dice\nA,raw,0.5\n{name}\n")
+    assert mod.compare(record, again) == (None, 2, ["metrics_per_case.csv", "metrics_per_case_last.csv"])
+    slower = [dict(r, it_per_s=1.0, elapsed_s=r["elapsed_s"] * 2) for r in lines]  # timing only: the same
+    (again / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in slower))
+    assert mod.compare(record, again)[0] is None
+    other = [lines[0], dict(lines[1], loss=0.2500001)]
+    (again / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in other))
+    assert mod.compare(record, again)[0] == "log.jsonl differs at line 2"
+    (again / "log.jsonl").write_text(json.dumps(lines[0]) + "\n")  # cut short
+    assert mod.compare(record, again)[0] == "log.jsonl differs at line 2"
+    (again / "log.jsonl").write_text((record / "log.jsonl").read_text())
+    (again / "metrics_per_case_last.csv").unlink()
+    assert mod.compare(record, again)[0] == "metrics_per_case_last.csv differs"

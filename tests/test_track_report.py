@@ -170,6 +170,56 @@ def test_the_budget_counts_the_first_seeds_table1_cells_and_the_stage1_runs_omf_
     assert "In all: 1115 min" in md and "(seed 1: 6 runs, " in md and ": 15 min (0.25 h) for the 2 finished, 4 not yet." in md
 
 
+def _rerun(runs, cell_id, minutes, identical=True, **changes):
+    """What scripts/reproduce_cell.py --save writes: the re-run's outcome and its summary's timings."""
+    folder = runs / "_reproductions"
+    folder.mkdir(exist_ok=True)
+    record = {"run": cell_id, "record_git": {"commit": "a" * 40, "dirty": False},
+              "reproduced_git": {"commit": "a" * 40, "dirty": False}, "identical": identical,
+              "difference": None if identical else "log.jsonl differs at line 3", "wall_s": 60.0 * minutes + 1,
+              "timings": {"stage1": {"train_s": 60.0 * minutes - 30}, "eval": {"inference_s": 20.0, "metrics_s": 10.0}},
+              **changes}
+    (folder / f"{cell_id}.json").write_text(json.dumps(record))
+
+
+def test_a_rerun_shows_beside_the_record_and_the_grid_counts_the_quicker_identical_measurement(setup):
+    tmp, path, exp, runs = setup
+    vnet, uamt, bcp = _cell(exp, "vnet"), _cell(exp, "uamt"), _cell(exp, "bcp", "honest")
+    _rerun(runs, vnet.id, 4.0)  # quicker than its 11 recorded minutes, identical: counts
+    _rerun(runs, uamt.id, 2.0, identical=False)  # quicker but not the same training: does not count
+    _rerun(runs, bcp.id, 20.0)  # slower: the record's 11 minutes count
+    assert _report(path, tmp / "out", runs) == 0
+    md = (tmp / "out" / "table.md").read_text()
+    assert f"| {vnet.id} | 11.0 | 4.0 | identical |" in md
+    assert f"| {uamt.id} | 11.0 | 2.0 | **differs** |" in md
+    assert f"| {bcp.id} | 11.0 | 20.0 | identical |" in md
+    assert f"| {_cell(exp, 'bcp').id} | 11.0 |  |  |" in md  # never re-run
+    assert "In all: 44 min" in md  # the records' own minutes
+    assert ": 37 min (0.62 h) for the 4 finished." in md and "the quicker of its two measurements counts" in md
+
+
+@pytest.mark.parametrize("damage", ["not json", "another run", "linked"])
+def test_a_damaged_or_linked_rerun_record_is_refused_in_one_line(setup, capsys, damage):
+    tmp, path, exp, runs = setup
+    vnet = _cell(exp, "vnet")
+    _rerun(runs, vnet.id, 4.0)
+    target = runs / "_reproductions" / f"{vnet.id}.json"
+    if damage == "not json":
+        target.write_text(target.read_text()[:40])
+    elif damage == "another run":
+        target.write_text(target.read_text().replace(f'"run": "{vnet.id}"', '"run": "other"'))
+    else:
+        outside = tmp / "elsewhere.json"
+        outside.write_text(target.read_text())
+        target.unlink()
+        target.symlink_to(outside)
+    capsys.readouterr()
+    assert _report(path, tmp / "out", runs) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{vnet.id}.json" in err[0], err
+    assert not (tmp / "out").exists()  # refused before anything is written
+
+
 def test_the_report_regenerates_byte_for_byte(setup):
     tmp, path, exp, runs = setup
     for out in ("a", "b"):
