@@ -100,9 +100,15 @@ def _plot(ax, xs, ys, boundaries, label, **style):
 
 
 def plot_curves(run_dirs, stem) -> list[Path]:
+    """The curves of ``run_dirs`` (:func:`load_curves`) in one figure: STEM.png and STEM.pdf."""
     runs = [load_curves(d) for d in run_dirs]
     if not runs:
         raise UserError("name at least one run folder")
+    return draw_curves(runs, stem)
+
+
+def draw_curves(runs: list[dict], stem) -> list[Path]:
+    """Draw curves already read by :func:`load_curves` (the report reads them before it writes anything)."""
     import matplotlib
 
     matplotlib.use("Agg")

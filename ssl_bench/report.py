@@ -45,6 +45,7 @@ import click
 import pandas as pd
 
 from . import published, track_report
+from .curves import draw_curves, load_curves
 from .errors import UserError
 from .experiments import PLANNED_METHODS, Experiment, load_experiment
 from .report_format import fmt, fmt_four, fmt_stats, latex_table, markdown_table
@@ -342,7 +343,10 @@ def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion
         exp = dataclasses.replace(exp, paper=None)
     units = distance_units(rows)
     tests = wilcoxon_tests(rows, exp.compare_to)
+    # a track's re-run records and training curves are read here too, before anything is written
     reruns = track_report.reproductions(dirs) if exp.order_against else {}
+    curves = {stem: [load_curves(d) for d in folders]
+              for stem, folders in track_report.curve_runs(rows, dirs).items()} if exp.order_against else {}
     occlusion_source = occlusion_rows = None
     if exp.occlusion is not None:
         occlusion_source = Path(occlusion).resolve() if occlusion is not None else out / "occlusion"
@@ -360,7 +364,7 @@ def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion
     except OSError as exc:
         raise UserError(f"cannot create the output folder {out} ({exc.strerror or exc})") from None
     with lock_folder(out, busy=f"{out} is being written by another `ssl-bench report`"):
-        written, md, tex = _write_tables(exp, rows, dirs, out, units, tests, imported, reruns)
+        written, md, tex = _write_tables(exp, rows, dirs, out, units, tests, imported, reruns, curves)
         if exp.occlusion is not None:
             md.append(occlusion_section(exp, occlusion_rows, occlusion_source, out, written))
         figures = sorted(n for n in written if n.endswith(".png"))
@@ -378,9 +382,11 @@ def write_report(experiment, runs_dir="runs", out: Path | None = None, occlusion
 
 
 def _write_tables(exp: Experiment, rows: list[Row], dirs: list[Path], out: Path, units: str, tests: pd.DataFrame,
-                  imported: list[str], reruns: dict[str, dict]) -> tuple[dict, list[str], list[str]]:
+                  imported: list[str], reruns: dict[str, dict], curves: dict[str, list[dict]]
+                  ) -> tuple[dict, list[str], list[str]]:
     """The CSVs and plots into ``out``; returns what it wrote and table.md's and table.tex's parts so far.
-    ``reruns``: the runs re-trained by scripts/reproduce_cell.py --save (track_report.reproductions)."""
+    ``reruns``: the runs re-trained by scripts/reproduce_cell.py --save (track_report.reproductions); ``curves``:
+    {file stem: the runs' curves} to draw (track_report.curve_runs, read by curves.load_curves)."""
     protocols = list(dict.fromkeys(r.protocol for r in rows))
     precisions = precisions_of(exp)
     header = main_header(units)
@@ -459,6 +465,9 @@ def _write_tables(exp: Experiment, rows: list[Row], dirs: list[Path], out: Path,
         written["ordering.csv"] = out / "ordering.csv"
         md.append(track_report.ordering_markdown(order, exp.order_against, exp.compare_to))
         md.append(track_report.budget_markdown(rows, exp, reruns))
+        for stem, runs in curves.items():
+            for path in draw_curves(runs, out / stem):
+                written[path.name] = path
     return written, md, tex
 
 

@@ -53,6 +53,7 @@ class Run:
     minutes: float
     gpu: str | None
     legacy_precision: str | None = None  # no precision recorded: what the run computed (recorded_precision)
+    teacher: tuple[str, dict] | None = None  # the run whose stage 1 it reused (--teacher): (its name, its timings)
 
 
 @dataclass
@@ -109,7 +110,10 @@ def read_cell_run(cell: Cell, runs_dir: Path) -> Run | None:
         from .precision import recorded_precision
 
         legacy = recorded_precision(stored, summary.get("device"))
-    return Run(cell, summary, config, per_case, run_minutes(summary, config), summary.get("gpu"), legacy)
+    teacher_dir = track_report.teacher_folder(d, config)
+    teacher = None if teacher_dir is None else \
+        (teacher_dir.name, RunFolder(teacher_dir).read_summary().get("timings", {}))
+    return Run(cell, summary, config, per_case, run_minutes(summary, teacher), summary.get("gpu"), legacy, teacher)
 
 
 def _number(v) -> bool:
@@ -194,13 +198,13 @@ def _check_split(folder: RunFolder, config: dict) -> None:
                 "restore train.list and test.list, or move the folder away")
 
 
-def run_minutes(summary: dict, config: dict) -> float:
-    """Training (every stage) plus evaluation wall time; a stage 1 adopted via --teacher counts with its own time."""
+def run_minutes(summary: dict, teacher: tuple[str, dict] | None = None) -> float:
+    """Training (every stage) plus evaluation wall time; a stage 1 adopted via --teacher (``teacher``: its name and
+    timings, track_report.teacher_folder) counts with its own training time."""
     timings = summary.get("timings", {})
     seconds = track_report.run_seconds(timings)
-    teacher = (config.get("config") or {}).get("teacher")
-    if teacher and "stage1" not in timings and RunFolder(teacher).is_finished():
-        seconds += RunFolder(teacher).read_summary().get("timings", {}).get("stage1", {}).get("train_s", 0.0)
+    if teacher is not None and "stage1" not in timings:
+        seconds += teacher[1].get("stage1", {}).get("train_s", 0.0)
     return seconds / 60.0
 
 

@@ -12,6 +12,8 @@
   (Kendall's τ), with which differences from the reference method are significant (paired Wilcoxon). Only
   ranks of the paper appear, never its numbers beside ours: the track is not the paper. Its numbers come from
   ``ssl_bench.report_rows.ordering_frame``; this module writes the page.
+- **Curves.** Per labeled count, the training curves of the first seed's val runs (losses, learning rate, the
+  validation Dice at every selection point) in one figure, ``curves-L<n>-val`` (ssl_bench/curves.py).
 - **Measured time.** Each run's training + evaluation wall time against the track's budget. A run re-trained at
   its recorded commit by ``scripts/reproduce_cell.py --save`` (``<runs-dir>/_reproductions/<run>.json``) shows its
   re-run's minutes and whether it was identical; the budget takes the quicker of the two measurements of an
@@ -163,6 +165,33 @@ def reproductions(dirs: list[Path]) -> dict[str, dict]:
     return found
 
 
+def teacher_folder(run_dir: Path, config: dict) -> Path | None:
+    """The finished run whose stage 1 a run reused (``--teacher``): the run of that name beside it (a campaign's
+    records wherever they were cloned to), else the folder the run recorded; None: no teacher, or not here."""
+    recorded = (config.get("config") or {}).get("teacher") if isinstance(config, dict) else None
+    if not recorded:
+        return None
+    for candidate in (Path(run_dir).parent / Path(recorded).name, Path(recorded)):
+        if RunFolder(candidate).is_finished():
+            return candidate
+    return None
+
+
+def curve_runs(rows, dirs: list[Path]) -> dict[str, list[Path]]:
+    """The run folders whose training curves the report draws: per labeled count, the first seed's val runs in the
+    order of the table's rows, as {"curves-L<n>-val": [run folder, ...]} (a run without a log, e.g. imported, has
+    no curves)."""
+    found: dict[str, list[Path]] = {}
+    for row in rows:
+        if row.protocol != "val" or not row.runs:
+            continue
+        first = min(row.runs, key=lambda r: r.cell.seed).cell
+        where = folder_of(first, dirs)
+        if where is not None and RunFolder(first.run_dir(where)).has_log():
+            found.setdefault(f"curves-L{first.labeled}-val", []).append(first.run_dir(where))
+    return found
+
+
 def run_seconds(timings: dict) -> float:
     """Training (every stage this run trained) plus evaluation, from a summary's "timings"."""
     seconds = sum(v.get("train_s", 0.0) for k, v in timings.items() if k.startswith("stage"))
@@ -177,15 +206,20 @@ def budget_markdown(rows, exp: Experiment | None = None, reruns: dict[str, dict]
     it was identical; the grid's figure then takes each run's quicker measurement of an identical training."""
     reruns = reruns or {}
     seen, lines = set(), []
+
+    def add(cid: str, timings: dict) -> None:
+        if cid in seen:
+            return
+        seen.add(cid)
+        rerun = reruns.get(cid)
+        again = run_seconds(rerun.get("timings") or {}) / 60 if rerun else None
+        lines.append((cid, run_seconds(timings) / 60, again, None if rerun is None else bool(rerun["identical"])))
+
     for row in rows:
         for run in row.runs:
-            if run.cell.id in seen:
-                continue
-            seen.add(run.cell.id)
-            rerun = reruns.get(run.cell.id)
-            again = run_seconds(rerun.get("timings") or {}) / 60 if rerun else None
-            lines.append((run.cell.id, run_seconds(run.summary.get("timings", {})) / 60, again,
-                          None if rerun is None else bool(rerun["identical"])))
+            if run.teacher is not None:  # the stage 1 it reused, counted once, where it ran
+                add(*run.teacher)
+            add(run.cell.id, run.summary.get("timings", {}))
     if not lines:
         return ""
     total = sum(m for _, m, _, _ in lines)

@@ -21,6 +21,7 @@ from ssl_bench.errors import UserError
 from ssl_bench.experiments import PLANNED_METHODS, Cell, load_experiment
 from ssl_bench.report import collect, reproduction_markdown, write_report
 from ssl_bench.report_rows import run_minutes
+from ssl_bench.track_report import teacher_folder
 
 FIX = Path(__file__).parent / "fixtures" / "report"
 RUNS = FIX / "runs"
@@ -184,8 +185,12 @@ def test_minutes_include_a_reused_stage1(tmp_path):
     teacher.mkdir()
     (teacher / "summary.json").write_text(json.dumps({"metrics": {}, "timings": {"stage1": {"train_s": 120.0}}}))
     summary = {"timings": {"stage2": {"train_s": 60.0}, "eval": {"inference_s": 30.0, "metrics_s": 30.0}}}
-    assert run_minutes(summary, {"config": {"teacher": str(teacher)}}) == pytest.approx(4.0)
-    assert run_minutes(summary, {"config": {"teacher": None}}) == pytest.approx(2.0)
+    found = teacher_folder(tmp_path / "student", {"config": {"teacher": str(teacher)}})
+    assert found == teacher
+    assert run_minutes(summary, (found.name, {"stage1": {"train_s": 120.0}})) == pytest.approx(4.0)
+    assert run_minutes(summary) == pytest.approx(2.0)
+    own = {"timings": {**summary["timings"], "stage1": {"train_s": 6.0}}}  # trained its own stage 1: no teacher time
+    assert run_minutes(own, (found.name, {"stage1": {"train_s": 120.0}})) == pytest.approx(2.1)
 
 
 def test_missing_runs_folder_shows_everything_missing(tmp_path):

@@ -69,6 +69,10 @@ def write_run(runs_dir, cell: Cell, dice, last=None, stages=1, name=None, **conf
                            "metrics": {"raw": _metrics(last), "lcc": _metrics(last)}}
         (d / "metrics_per_case_last.csv").write_text(_csv(last))
     (d / "summary.json").write_text(json.dumps(summary))
+    if cell.protocol == "val":  # its training log: the report draws the val runs' curves
+        (d / "log.jsonl").write_text("".join(json.dumps({"stage": 1, "iteration": i, "lr": 0.01, "loss": 1.0 / i,
+                                                         "val_dice_raw": dice[0] * i / 10}) + "\n"
+                                             for i in range(2, 12, 2)))
     return d
 
 
@@ -154,17 +158,21 @@ def test_the_budget_counts_the_first_seeds_table1_cells_and_the_stage1_runs_omf_
                     '\n[[grid]]\nmethods = ["omf-s1"]\nlabeled = [8]\n')
     exp = load_experiment(grid)
 
-    def row(cid, minutes):
+    def row(cid, minutes, teacher=None):
         cell = next(c for c in exp.plan() if c.id == cid)
         summary = {"timings": {"stage1": {"train_s": 60.0 * minutes}}}
-        return type("Row", (), {"runs": [type("Run", (), {"cell": cell, "summary": summary})()]})()
+        run = type("Run", (), {"cell": cell, "summary": summary, "teacher": teacher})()
+        return type("Row", (), {"runs": [run]})()
 
     ids = {c.id: c for c in exp.plan()}
     omf = next(c for c in exp.plan() if c.method == "omf" and c.seed == 1)
     second = next(c for c in exp.plan() if c.method == "vnet" and c.seed == 2)
     s1 = next(c for c in exp.plan() if c.method == "omf-s1")
     assert omf.teacher in ids
-    md = budget_markdown([row(omf.id, 10), row(omf.teacher, 5), row(second.id, 100), row(s1.id, 1000)], exp)
+    # the stage 1 omf reused counts once, whether it has a row of its own or not
+    reused = (omf.teacher, {"stage1": {"train_s": 300.0}})
+    md = budget_markdown([row(omf.id, 10, reused), row(omf.teacher, 5), row(second.id, 100), row(s1.id, 1000)], exp)
+    assert budget_markdown([row(omf.id, 10, reused), row(second.id, 100), row(s1.id, 1000)], exp) == md
     # seed 1: vnet, uamt, bcp honest + val, omf, and the omf-s1-orgloss run it reuses = 6 runs; seed 2 and the
     # Table 2 variant count in the total only
     assert "In all: 1115 min" in md and "(seed 1: 6 runs, " in md and ": 15 min (0.25 h) for the 2 finished, 4 not yet." in md
@@ -275,3 +283,33 @@ def test_a_cell_in_two_runs_dirs_and_a_misnamed_folder_are_refused(setup, capsys
     write_run(other, Cell("dtc", 8, 1, "val", exp.cells[0].profile, {}, precision="fp32"), [0.8] * 6,
               last=[0.8] * 6, name="my-dtc")
     assert "rename the folder" in _one_line(capsys, _report(path, tmp / "out2", runs, other))
+
+
+def test_the_val_runs_training_curves_are_drawn_per_labeled_count(setup):
+    from ssl_bench.track_report import curve_runs
+    from ssl_bench.report_rows import collect
+
+    tmp, path, exp, runs = setup
+    assert _report(path, tmp / "out", runs) == 0
+    assert (tmp / "out" / "curves-L8-val.png").is_file() and (tmp / "out" / "curves-L8-val.pdf").is_file()
+    assert "![curves-L8-val.png](curves-L8-val.png)" in (tmp / "out" / "table.md").read_text()
+    drawn = curve_runs(collect(exp, runs), [runs])
+    assert {k: [p.name for p in v] for k, v in drawn.items()} == {
+        "curves-L8-val": [_cell(exp, m).id for m in ("vnet", "uamt", "bcp")]}  # val runs only, in row order
+
+
+def test_a_reused_stage_1_is_found_beside_the_run_where_the_recorded_folder_is_gone(setup, tmp_path):
+    """A campaign's records cloned elsewhere: the teacher folder recorded at training time no longer exists, the
+    record of that name beside the run does (the minutes, and the budget, then come out the same on any clone)."""
+    from ssl_bench.track_report import teacher_folder
+
+    tmp, path, exp, runs = setup
+    beside = runs / "bcp-L8-s1-honest-cpu-fp32"
+    config = {"config": {"teacher": str(tmp_path / "gone" / beside.name)}}
+    assert teacher_folder(runs / "x", config) == beside  # finished, beside the run
+    config = {"config": {"teacher": str(beside)}}
+    assert teacher_folder(tmp_path / "elsewhere" / "x", config) == beside  # the recorded folder
+    assert teacher_folder(runs / "x", {"config": {"teacher": str(tmp_path / "gone" / "nothing")}}) is None
+    assert teacher_folder(runs / "x", {"config": {"teacher": None}}) is None
+    (beside / "summary.json").unlink()  # not finished: not a teacher to count
+    assert teacher_folder(runs / "x", {"config": {"teacher": str(beside)}}) is None
