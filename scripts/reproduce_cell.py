@@ -6,7 +6,8 @@
 Run it with the code of the commit the record names (config.json "provenance"): from a checkout of that commit, or
 this script with `PYTHONPATH=<a worktree at that commit>`. It says which commit the record names and which one it
 runs. It trains the run again with the recorded settings into DIR (default: a temporary folder), then compares
-log.jsonl (all but the timing fields) and every metrics_per_case*.csv byte for byte.
+log.jsonl (all but the timing fields; a resumed record's extra row at each resume, see compare) and every
+metrics_per_case*.csv byte for byte.
 
 A record that reused another run's stage 1 (`run --teacher`) is re-trained from that run's stage 1: the recorded
 teacher folder, or --teacher (its weights are not committed: they must be on this machine).
@@ -45,17 +46,35 @@ def _cpu_seconds() -> float:
     return use.ru_utime + use.ru_stime
 
 
-def compare(record: Path, again: Path) -> tuple[str | None, int, list[str]]:
-    """(the first difference or None, log lines compared, metrics files compared)"""
+def compare(record: Path, again: Path) -> tuple[str | None, int, list[str], list[list[int]]]:
+    """(the first difference or None, log lines compared, metrics files compared, the record's resume rows).
+
+    A record that was interrupted and resumed logged one more row, the first iteration after each resume (the
+    loop logs `start + 1`); an uninterrupted re-run has no such row. Those rows (off the log_every grid, inside a
+    stage the re-run went past) are the only ones the record may have beyond the re-run's, and they are returned
+    (as [stage, iteration]); every other row must be equal in all but the timing fields, in the same order."""
     a, b = _log(record / "log.jsonl"), _log(again / "log.jsonl")
     csvs = sorted(p.name for p in record.glob("metrics_per_case*.csv"))
-    if a != b:
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        return f"log.jsonl differs at line {first + 1}", len(a), csvs
+    every = int(json.loads((record / "config.json").read_text())["config"].get("log_every") or 1)
+    rerun_keys = {(r.get("stage"), r.get("iteration")) for r in b}
+    last = {}
+    for r in b:
+        last[r.get("stage")] = max(last.get(r.get("stage"), 0), r.get("iteration", 0))
+
+    def resume_row(r) -> bool:  # not logged by the re-run, off the log grid, inside the stage the re-run went past
+        stage, it = r.get("stage"), r.get("iteration")
+        return (stage, it) not in rerun_keys and isinstance(it, int) and it % every != 0 and it < last.get(stage, 0)
+
+    resumed = [[r.get("stage"), r.get("iteration")] for r in a if resume_row(r)]
+    kept = [(n, r) for n, r in enumerate(a, 1) if not resume_row(r)]
+    if [r for _, r in kept] != b:
+        first = next((i for i, ((_, x), y) in enumerate(zip(kept, b)) if x != y), min(len(kept), len(b)))
+        line = kept[first][0] if first < len(kept) else len(a) + 1
+        return f"log.jsonl differs at line {line}", len(a), csvs, resumed
     for csv in csvs:
         if not (again / csv).is_file() or (record / csv).read_bytes() != (again / csv).read_bytes():
-            return f"{csv} differs", len(a), csvs
-    return None, len(a), csvs
+            return f"{csv} differs", len(a), csvs, resumed
+    return None, len(a), csvs, resumed
 
 
 def main(argv=None) -> int:
@@ -96,12 +115,12 @@ def main(argv=None) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     wall, cpu, load_after = time.perf_counter() - t0, _cpu_seconds() - cpu0, os.getloadavg()
-    difference, n_lines, csvs = compare(args.record, out)
+    difference, n_lines, csvs, resumed = compare(args.record, out)
     if args.save:
         import torch
         atomic_write_json(args.record.parent / REPRODUCTIONS / f"{args.record.name}.json", {
             "run": args.record.name, "record_git": recorded, "reproduced_git": now, "identical": difference is None,
-            "difference": difference, "log_lines": n_lines, "metrics_files": csvs,
+            "difference": difference, "log_lines": n_lines, "resume_rows": resumed, "metrics_files": csvs,
             "teacher": cfg.teacher, "timings": summary.get("timings", {}), "wall_s": round(wall, 3),
             "cpu_s": round(cpu, 3), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
@@ -109,7 +128,9 @@ def main(argv=None) -> int:
     if difference is not None:
         print(difference, file=sys.stderr)
         return 1
-    print(f"identical: {n_lines} log lines and every per-case metrics file ({out}); {wall / 60:.1f} min")
+    beyond = f" (and {len(resumed)} row(s) the record logged on resuming: {resumed})" if resumed else ""
+    print(f"identical: {n_lines - len(resumed)} log lines{beyond} and every per-case metrics file ({out}); "
+          f"{wall / 60:.1f} min")
     return 0
 
 

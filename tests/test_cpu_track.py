@@ -133,10 +133,11 @@ def test_reproduce_cell_compares_everything_but_the_timing_fields(tmp_path):
     record, again = tmp_path / "record", tmp_path / "again"
     for d in (record, again):
         d.mkdir()
+        (d / "config.json").write_text(json.dumps({"config": {"log_every": 10}}))
         (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
         for name in ("metrics_per_case.csv", "metrics_per_case_last.csv"):
             (d / name).write_text(f"case,post,dice\nA,raw,0.5\n{name}\n")
-    assert mod.compare(record, again) == (None, 2, ["metrics_per_case.csv", "metrics_per_case_last.csv"])
+    assert mod.compare(record, again) == (None, 2, ["metrics_per_case.csv", "metrics_per_case_last.csv"], [])
     slower = [dict(r, it_per_s=1.0, elapsed_s=r["elapsed_s"] * 2) for r in lines]  # timing only: the same
     (again / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in slower))
     assert mod.compare(record, again)[0] is None
@@ -144,6 +145,16 @@ def test_reproduce_cell_compares_everything_but_the_timing_fields(tmp_path):
     (again / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in other))
     assert mod.compare(record, again)[0] == "log.jsonl differs at line 2"
     (again / "log.jsonl").write_text(json.dumps(lines[0]) + "\n")  # cut short
+    assert mod.compare(record, again)[0] == "log.jsonl differs at line 2"
+    # a record resumed after iteration 10 logged iteration 11 too; an uninterrupted re-run did not
+    resumed = [lines[0], {"stage": 1, "iteration": 11, "loss": 0.4, "it_per_s": 0.1, "elapsed_s": 50.0}, lines[1]]
+    (record / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in resumed))
+    (again / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert mod.compare(record, again)[0] is None and mod.compare(record, again)[3] == [[1, 11]]
+    (again / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in other))  # still a difference after it
+    assert mod.compare(record, again)[0] == "log.jsonl differs at line 3"
+    (again / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in resumed))  # the re-run's row is not extra
+    (record / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert mod.compare(record, again)[0] == "log.jsonl differs at line 2"
     (again / "log.jsonl").write_text((record / "log.jsonl").read_text())
     (again / "metrics_per_case_last.csv").unlink()
